@@ -44,10 +44,12 @@ def _protoc(args: list[str]) -> None:
 
 
 def _rewrite_imports(path: Path, roots: set[str]) -> None:
+    # One pass over all roots: a root named like PKG's own first part (`spinbox`, for the guest
+    # API) must not be re-rooted again after another root's rewrite produced `from spinbox...`.
+    alt = "|".join(re.escape(r) for r in sorted(roots))
     text = path.read_text()
-    for root in sorted(roots):
-        text = re.sub(rf"^from {root}(\.| import)", rf"from {PKG}.{root}\1", text, flags=re.M)
-        text = re.sub(rf"^import {root}\.", rf"import {PKG}.{root}.", text, flags=re.M)
+    text = re.sub(rf"^from ({alt})(\.| import)", rf"from {PKG}.\1\2", text, flags=re.M)
+    text = re.sub(rf"^import ({alt})\.", rf"import {PKG}.\1.", text, flags=re.M)
     path.write_text(text)
 
 

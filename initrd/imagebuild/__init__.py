@@ -1,0 +1,1 @@
+"""Guest image assembly from Debian packages (used by initrd/build.py)."""

@@ -1,0 +1,1 @@
+"""Host VM layer: QEMU + QMP for one sandbox VM (see machine.VM)."""

@@ -1,0 +1,147 @@
+"""The QEMU command line for one VM: a pure function of the config and the resolved choices.
+
+Choices that need the host (accel, transport, CID) are resolved before and passed in, so this
+module has no I/O and is unit tested argument by argument.
+
+What is on it and why:
+- `-nodefaults -no-user-config -display none`: no default NIC, VGA, serial, monitor or config
+  file; every device is named here. (`-display none` instead of `-nographic`: -nographic would
+  multiplex a monitor onto stdio, which we never want.)
+- `-no-reboot` + kernel `panic=-1 reboot=t`: a guest panic or reboot ends QEMU, which the VM
+  layer reports as the VM dying; a reboot loop would hide the failure.
+- QMP on a unix socket (server, no wait) for control and hot-plug; `-pidfile` for crash cleanup.
+- The agent channel: a virtserialport named `spinbox.agent` bridged to `<state>/agent.sock`, or
+  vhost-vsock with the allocated CID.
+- The serial console into a file: QEMU never blocks on it, and it survives us for debugging.
+- guest RAM from a memfd with share=on so vhost-user devices (virtiofsd) can map it; the
+  virtio-mem device (hot-plug room) uses the same kind of backend.
+- `-sandbox on,...` seccomp: QEMU may not exec, setuid, change scheduling or use obsolete calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import VMConfig
+from .paths import VMPaths
+
+VIRTIO_MEM_ID = "vmem0"          # qom path /machine/peripheral/vmem0
+VIRTIO_MEM_BACKEND_ID = "vmem0-mem"
+RAM_BACKEND_ID = "ram0"
+AGENT_CHARDEV_ID = "agent"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Host-dependent choices, resolved before the argv is built."""
+    accel: str            # "kvm" | "tcg"
+    transport: str        # "vsock" | "virtio-serial"
+    cid: int | None = None  # with vsock
+
+
+def qopt(value: object) -> str:
+    """Escape a value for QEMU's `key=value,...` option syntax (a comma is written twice)."""
+    return str(value).replace(",", ",,")
+
+
+def kernel_cmdline(config: VMConfig, resolved: Resolved) -> str:
+    """Base cmdline + transport for vminitd + the image's own args + extras (later ones win)."""
+    args = ["console=ttyS0", "quiet", "panic=-1", "reboot=t",
+            # hot-added memory comes online by itself, movable so it can be unplugged again
+            *(["memhp_default_state=online_movable"] if config.hotplug_memory_mb else []),
+            f"spinbox.transport={resolved.transport}"]
+    if resolved.transport == "vsock":
+        args.append(f"spinbox.vsock_port={config.vsock_port}")
+    args += config.image_cmdline.split()
+    args += config.cmdline_extra
+    return " ".join(args)
+
+
+def _is_pci(config: VMConfig) -> bool:
+    return config.machine != "microvm"
+
+
+def virtio_device(config: VMConfig, kind: str) -> str:
+    """`virtio-<kind>-pci` on q35, `virtio-<kind>-device` (virtio-mmio) on microvm."""
+    return f"{kind}-pci" if _is_pci(config) else f"{kind}-device"
+
+
+def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str = "spinbox") -> list[str]:
+    if resolved.accel not in ("kvm", "tcg"):
+        raise ValueError(f"accel must be resolved to kvm or tcg (got {resolved.accel!r})")
+    if resolved.transport not in ("vsock", "virtio-serial"):
+        raise ValueError(f"transport must be resolved to vsock or virtio-serial (got {resolved.transport!r})")
+    if resolved.transport == "vsock" and (resolved.cid is None or resolved.cid < 3):
+        raise ValueError(f"vsock needs an allocated guest CID >= 3 (got {resolved.cid!r})")
+
+    shared_ram = config.memory_backend == "memfd"
+    backend = "memory-backend-memfd" if shared_ram else "memory-backend-ram"
+    share = ",share=on" if shared_ram else ""
+
+    machine = config.machine
+    if config.machine == "q35":
+        # no SMM (we never run firmware that needs it); the bus scan stays short
+        machine += ",smm=off"
+    machine += f",memory-backend={RAM_BACKEND_ID}"
+
+    accel = resolved.accel
+    if accel == "tcg":
+        accel += ",thread=multi"
+        if config.tcg_tb_size_mb:
+            accel += f",tb-size={config.tcg_tb_size_mb}"
+
+    mem = f"{config.memory_mb}M"
+    hotplug_mb = config.hotplug_memory_mb
+    if hotplug_mb:
+        mem += f",slots={config.memory_slots},maxmem={config.effective_max_memory_mb}M"
+    smp = str(config.vcpus)
+    if config.effective_max_vcpus != config.vcpus:
+        smp += f",maxcpus={config.effective_max_vcpus}"
+
+    argv = [
+        config.qemu_binary,
+        "-name", f"{qopt(name)},debug-threads=on",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-machine", machine,
+        "-accel", accel,
+        "-cpu", "host" if resolved.accel == "kvm" else "max",
+        "-smp", smp,
+        "-m", mem,
+        "-object", f"{backend},id={RAM_BACKEND_ID},size={config.memory_mb}M{share}",
+        "-kernel", qopt(config.kernel),
+    ]
+    if config.initrd is not None:
+        argv += ["-initrd", qopt(config.initrd)]
+    argv += ["-append", kernel_cmdline(config, resolved)]
+    if config.seccomp_sandbox:
+        argv += ["-sandbox", SANDBOX]
+    argv += [
+        "-pidfile", str(paths.pidfile),
+        "-chardev", f"socket,id=qmp,path={qopt(paths.qmp_socket)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"file,id=console,path={qopt(paths.console_log)}",
+        "-serial", "chardev:console",
+    ]
+    if resolved.transport == "virtio-serial":
+        argv += [
+            "-device", f"{virtio_device(config, 'virtio-serial')},id=vser0",
+            "-chardev", f"socket,id={AGENT_CHARDEV_ID},path={qopt(paths.agent_socket)},server=on,wait=off",
+            "-device", f"virtserialport,bus=vser0.0,chardev={AGENT_CHARDEV_ID},name={config.agent_port_name}",
+        ]
+    else:
+        argv += ["-device", f"{virtio_device(config, 'vhost-vsock')},id=vsock0,guest-cid={resolved.cid}"]
+    if config.root_disk is not None:
+        argv += [
+            "-drive", f"file={qopt(config.root_disk)},if=none,id=root,format=raw,readonly=on",
+            "-device", f"{virtio_device(config, 'virtio-blk')},drive=root,serial={config.root_disk_serial}",
+        ]
+    if config.rng:
+        argv += ["-object", "rng-builtin,id=rng0",
+                 "-device", f"{virtio_device(config, 'virtio-rng')},rng=rng0"]
+    if hotplug_mb and config.memory_hotplug == "virtio-mem":
+        # the whole hot-plug room, plugged 0 at boot; grown later with qom-set requested-size
+        argv += [
+            "-object", f"{backend},id={VIRTIO_MEM_BACKEND_ID},size={hotplug_mb}M{share}",
+            "-device", f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_BACKEND_ID},requested-size=0",
+        ]
+    return argv

@@ -1,0 +1,106 @@
+"""Turn the host's OCI spec into a bundle runc can run inside the guest.
+
+The host's config.json names host things: a rootfs path, namespace paths (a CNI netns,
+/proc/<host pid>/ns/...), a host cgroup path, hooks that are host binaries, LSM labels of the
+host. Inside the VM the container uses the guest's root network namespace (the VM's NIC is the
+sandbox's network), a cgroup under /spinbox, and the rootfs the host shared.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+from .ids import validate_guest_path
+
+CGROUP_PARENT = "/spinbox"
+_REQUIRED_NAMESPACES = ("pid", "ipc", "uts", "mount")
+_BIND_TYPES = ("bind", "rbind")
+
+
+def cgroup_path(container_id: str) -> str:
+    return f"{CGROUP_PARENT}/{container_id}"
+
+
+def parse_spec(raw: bytes, what: str = "OCI spec") -> dict[str, Any]:
+    try:
+        spec = json.loads(raw)
+    except ValueError as e:
+        raise InvalidArgument(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(spec, dict):
+        raise InvalidArgument(f"{what} must be a JSON object")
+    return spec
+
+
+def adapt_spec(spec: dict[str, Any], container_id: str, rootfs: str, *, terminal: bool,
+               readonly: bool | None = None, guest_root: str = "/") -> tuple[dict[str, Any], list[str]]:
+    """Return (adapted spec, notes about what was changed). `guest_root` lets tests check bind
+    sources against a different root."""
+    s = copy.deepcopy(spec)
+    notes: list[str] = []
+    if not isinstance(s.get("process"), dict) or not s["process"].get("args"):
+        raise InvalidArgument("OCI spec has no process.args")
+    s.setdefault("ociVersion", "1.0.2")
+    root = s.setdefault("root", {})
+    root["path"] = validate_guest_path(rootfs, "rootfs path")
+    if readonly is not None:
+        root["readonly"] = bool(readonly)
+    s["process"]["terminal"] = bool(terminal)
+    for key in ("selinuxLabel", "apparmorProfile"):
+        if s["process"].pop(key, None):
+            notes.append(f"dropped process.{key}: the guest kernel has no such LSM")
+    if s.pop("hooks", None):
+        notes.append("dropped hooks: hook binaries are host paths")
+
+    linux = s.setdefault("linux", {})
+    linux["cgroupsPath"] = cgroup_path(container_id)
+    if linux.pop("mountLabel", None):
+        notes.append("dropped linux.mountLabel")
+    namespaces = []
+    for ns in linux.get("namespaces") or []:
+        kind = ns.get("type")
+        if kind == "network":
+            notes.append("network namespace: the container uses the VM's network")
+            continue
+        if ns.get("path"):
+            notes.append(f"{kind} namespace path {ns['path']!r} is a host path: using a new one")
+            ns = {"type": kind}
+        namespaces.append(ns)
+    for kind in _REQUIRED_NAMESPACES:
+        if not any(ns.get("type") == kind for ns in namespaces):
+            namespaces.append({"type": kind})
+    linux["namespaces"] = namespaces
+
+    for m in s.get("mounts") or []:
+        mtype = m.get("type", "")
+        opts = m.get("options") or []
+        if mtype in _BIND_TYPES or "bind" in opts or "rbind" in opts:
+            src = m.get("source", "")
+            host_src = os.path.join(guest_root, src.lstrip("/"))
+            if not src.startswith("/") or not os.path.exists(host_src):
+                raise InvalidArgument(
+                    f"bind mount {src!r} -> {m.get('destination')!r} does not exist in the guest; "
+                    "the host must share it into the VM first")
+    return s, notes
+
+
+def adapt_process(process: dict[str, Any], *, terminal: bool) -> dict[str, Any]:
+    """An exec's OCI Process for `runc exec --process`."""
+    p = copy.deepcopy(process)
+    if not isinstance(p, dict) or not p.get("args"):
+        raise InvalidArgument("exec process has no args")
+    if "cwd" not in p:
+        p["cwd"] = "/"
+    p["terminal"] = bool(terminal)
+    for key in ("selinuxLabel", "apparmorProfile"):
+        p.pop(key, None)
+    return p
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)

@@ -1,0 +1,218 @@
+"""The guest API servicers: protobuf messages <-> Agent calls.
+
+Unary methods are plain `async def Method(self, request) -> response`; streaming methods are
+async generators over the incoming message iterator. AgentError subclasses carry the status
+code; `wrap_errors` (applied at registration in server.py) turns them into ttrpc errors.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+
+from spinbox.api._pb.spinbox.agent.v1 import containers_pb2 as cpb
+from spinbox.api._pb.spinbox.agent.v1 import events_pb2 as epb
+from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
+from spinbox.api._pb.spinbox.agent.v1 import system_pb2 as sypb
+
+from . import system as _system
+from .agent import Agent
+from .errors import InvalidArgument
+from .ids import validate_hostname
+from .stdio import InputData, OutputAck, OutputChunk, serve_input, serve_output
+
+VERSION = "0.1.0"
+_MAX_WINDOW = 16 << 20
+
+
+class ContainersService:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def Create(self, req: cpb.CreateRequest) -> cpb.CreateResponse:
+        mounts = [{"type": m.type, "source": m.source, "target": m.target, "options": list(m.options)}
+                  for m in req.rootfs.mounts]
+        pid = await self.agent.create(req.id, req.spec, rootfs_path=req.rootfs.path, rootfs_mounts=mounts,
+                                      readonly=req.rootfs.readonly, terminal=req.terminal, stdin=req.stdin,
+                                      stdout=req.stdout, stderr=req.stderr)
+        return cpb.CreateResponse(pid=pid)
+
+    async def Start(self, req: cpb.StartRequest) -> cpb.StartResponse:
+        return cpb.StartResponse(pid=await self.agent.start(req.id, req.exec_id))
+
+    async def Exec(self, req: cpb.ExecRequest) -> cpb.Empty:
+        await self.agent.exec(req.id, req.exec_id, req.process, terminal=req.terminal, stdin=req.stdin,
+                              stdout=req.stdout, stderr=req.stderr)
+        return cpb.Empty()
+
+    async def Kill(self, req: cpb.KillRequest) -> cpb.Empty:
+        await self.agent.kill(req.id, req.exec_id, req.signal, req.all)
+        return cpb.Empty()
+
+    async def Wait(self, req: cpb.WaitRequest) -> cpb.WaitResponse:
+        status, at, pid = await self.agent.wait(req.id, req.exec_id)
+        return cpb.WaitResponse(exit_status=status, exited_at_ns=at, pid=pid)
+
+    async def Delete(self, req: cpb.DeleteRequest) -> cpb.DeleteResponse:
+        pid, status, at = await self.agent.delete(req.id, req.exec_id)
+        return cpb.DeleteResponse(pid=pid, exit_status=status, exited_at_ns=at)
+
+    async def State(self, req: cpb.StateRequest) -> cpb.StateResponse:
+        return cpb.StateResponse(**self.agent.state(req.id, req.exec_id))
+
+    async def Pids(self, req: cpb.PidsRequest) -> cpb.PidsResponse:
+        return cpb.PidsResponse(processes=[cpb.ProcessInfo(pid=p, exec_id=e) for p, e in await self.agent.pids(req.id)])
+
+    async def Pause(self, req: cpb.ContainerRequest) -> cpb.Empty:
+        await self.agent.pause(req.id)
+        return cpb.Empty()
+
+    async def Resume(self, req: cpb.ContainerRequest) -> cpb.Empty:
+        await self.agent.resume(req.id)
+        return cpb.Empty()
+
+    async def Update(self, req: cpb.UpdateRequest) -> cpb.Empty:
+        await self.agent.update(req.id, req.resources)
+        return cpb.Empty()
+
+    async def Stats(self, req: cpb.StatsRequest) -> cpb.StatsResponse:
+        flat, raw = await self.agent.stats(req.id)
+        return cpb.StatsResponse(raw=json.dumps(raw).encode(), **flat)
+
+    async def CloseStdin(self, req: cpb.CloseStdinRequest) -> cpb.Empty:
+        self.agent.close_stdin(req.id, req.exec_id)
+        return cpb.Empty()
+
+    async def ResizePty(self, req: cpb.ResizePtyRequest) -> cpb.Empty:
+        self.agent.resize_pty(req.id, req.exec_id, req.width, req.height)
+        return cpb.Empty()
+
+
+def _window(w: int) -> int:
+    return max(1, min(int(w), _MAX_WINDOW))
+
+
+class StdioService:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def Output(self, requests: AsyncIterator[spb.OutputClient]) -> AsyncIterator[spb.OutputServer]:
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("msg") != "open":
+            raise InvalidArgument("Output stream must start with an open message")
+        o = first.open
+        if o.fd not in (spb.STDOUT, spb.STDERR):
+            raise InvalidArgument("Output stream fd must be STDOUT or STDERR")
+        buf = self.agent.output(o.id, o.exec_id, int(o.fd))
+        out: asyncio.Queue = asyncio.Queue(maxsize=4)
+
+        async def acks() -> AsyncIterator[OutputAck]:
+            async for m in requests:
+                if m.WhichOneof("msg") != "ack":
+                    raise InvalidArgument("only ack messages may follow open on an Output stream")
+                yield OutputAck(m.ack.offset, _window(m.ack.window), m.ack.eof)
+
+        async def send(ch: OutputChunk) -> None:
+            await out.put(spb.OutputServer(offset=ch.offset, data=ch.data, eof=ch.eof))
+
+        session = asyncio.ensure_future(serve_output(buf, o.offset, _window(o.window), acks(), send))
+        try:
+            async for msg in _drain(out, session):
+                yield msg
+        finally:
+            if not session.done():
+                session.cancel()
+
+    async def Input(self, requests: AsyncIterator[spb.InputClient]) -> AsyncIterator[spb.InputServer]:
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("msg") != "open":
+            raise InvalidArgument("Input stream must start with an open message")
+        sink = self.agent.input(first.open.id, first.open.exec_id)
+        out: asyncio.Queue = asyncio.Queue(maxsize=16)
+
+        async def data() -> AsyncIterator[InputData]:
+            async for m in requests:
+                if m.WhichOneof("msg") != "data":
+                    raise InvalidArgument("only data messages may follow open on an Input stream")
+                yield InputData(m.data.offset, m.data.data, m.data.eof)
+
+        async def send(a) -> None:
+            await out.put(spb.InputServer(offset=a.offset, window=a.window, eof=a.eof))
+
+        session = asyncio.ensure_future(serve_input(sink, data(), send))
+        try:
+            async for msg in _drain(out, session):
+                yield msg
+        finally:
+            if not session.done():
+                session.cancel()
+
+
+async def _drain(out: asyncio.Queue, session: asyncio.Future) -> AsyncIterator:
+    """Yield what the session queues until it finishes (then re-raise its error, if any)."""
+    while True:
+        if out.empty() and session.done():
+            session.result()
+            return
+        getter = asyncio.ensure_future(out.get())
+        await asyncio.wait([getter, session], return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield getter.result()
+        else:
+            getter.cancel()
+
+
+class EventsService:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def Subscribe(self, req: epb.SubscribeRequest) -> AsyncIterator[epb.Event]:
+        async for ev, gap in self.agent.events.follow(req.after_seq):
+            msg = epb.Event(seq=ev.seq, timestamp_ns=ev.timestamp_ns, gap=gap)
+            if ev.kind == "exit":
+                msg.exit.CopyFrom(epb.ExitEvent(**ev.fields))
+            elif ev.kind == "oom":
+                msg.oom.CopyFrom(epb.OomEvent(**ev.fields))
+            yield msg
+
+
+class SystemService:
+    def __init__(self, agent: Agent, on_shutdown=None) -> None:
+        self.agent = agent
+        self.on_shutdown = on_shutdown
+
+    async def Ping(self, req: cpb.Empty) -> cpb.Empty:
+        return cpb.Empty()
+
+    async def Version(self, req: cpb.Empty) -> sypb.VersionResponse:
+        return sypb.VersionResponse(agent_version=VERSION, api="spinbox.agent.v1", runtime=self.agent.runc.binary)
+
+    async def Info(self, req: cpb.Empty) -> sypb.InfoResponse:
+        return sypb.InfoResponse(**_system.info())
+
+    async def SetTime(self, req: sypb.SetTimeRequest) -> cpb.Empty:
+        _system.set_time(req.unix_ns)
+        return cpb.Empty()
+
+    async def SetHostname(self, req: sypb.SetHostnameRequest) -> cpb.Empty:
+        socket.sethostname(validate_hostname(req.hostname))
+        return cpb.Empty()
+
+    async def Sync(self, req: cpb.Empty) -> cpb.Empty:
+        await asyncio.get_running_loop().run_in_executor(None, os.sync)
+        return cpb.Empty()
+
+    async def Shutdown(self, req: sypb.ShutdownRequest) -> cpb.Empty:
+        if self.on_shutdown is None:
+            raise InvalidArgument("Shutdown is only available when vminitd is the VM's init")
+        # Answer first, then power off: the reply must leave before the VM disappears.
+        asyncio.get_running_loop().call_later(0.05, self.on_shutdown, req.reboot)
+        return cpb.Empty()
+
+    async def OnlineCpus(self, req: cpb.Empty) -> sypb.OnlineCpusResponse:
+        return sypb.OnlineCpusResponse(**_system.online_cpus())
+
+    async def OnlineMemory(self, req: cpb.Empty) -> sypb.OnlineMemoryResponse:
+        return sypb.OnlineMemoryResponse(**_system.online_memory())
