@@ -182,3 +182,27 @@ async def test_prefixed_type_url_is_not_decodable_by_subscribers(containerd_runn
         err = await sub.stderr()
     assert not any("prefixed-url" in l for l in sub.seen)
     assert "type.googleapis.com/containerd.events.TaskOOM" in err
+
+
+async def test_restart_gives_a_fresh_ttrpc_socket(containerd_running):
+    """The fixture's restart() (used later for shim reconnect tests): the old connection dies,
+    a new one to the same .ttrpc_address works, and the subscriber sees events again."""
+    c = containerd_running
+    old = await ttrpc.Client.connect(c.ttrpc_address)
+    try:
+        c.restart()
+        with pytest.raises(ttrpc.TTRPCError) as err:
+            await forward(old, types.envelope(c.namespace, "/tasks/oom", events.TaskOOM(container_id="x")))
+        assert err.value.code == ttrpc.Code.UNAVAILABLE
+    finally:
+        await old.close()
+    new = await ttrpc.Client.connect(c.ttrpc_address)
+    try:
+        async with EventSubscriber(c) as sub:
+            await sub.subscribed(new)
+            await forward(new, types.envelope(c.namespace, "/tasks/paused",
+                                              events.TaskPaused(container_id="after-restart")))
+            _, topic, body = parse_event_line(await sub.wait_for(lambda l: '"after-restart"' in l))
+        assert (topic, body) == ("/tasks/paused", {"container_id": "after-restart"})
+    finally:
+        await new.close()

@@ -32,7 +32,7 @@ pytestmark = [
                        reason="needs runc and busybox-static"),
 ]
 
-APPLETS = ["sh", "echo", "cat", "sleep", "tty", "true", "stty", "head", "dd", "trap", "kill", "seq", "yes"]
+APPLETS = ["sh", "echo", "cat", "sleep", "tty", "true", "stty", "head", "dd", "trap", "kill", "seq", "yes", "mv", "tail"]
 
 
 def make_rootfs(d: Path) -> None:
@@ -45,7 +45,8 @@ def make_rootfs(d: Path) -> None:
     (d / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
 
 
-def spec(args: list[str], terminal: bool = False) -> bytes:
+def spec(args: list[str], terminal: bool = False, memory_limit: int | None = None) -> bytes:
+    resources = {"memory": {"limit": memory_limit, "swap": memory_limit}} if memory_limit else {}
     return json.dumps({
         "ociVersion": "1.0.2",
         "process": {"terminal": terminal, "user": {"uid": 0, "gid": 0}, "args": args,
@@ -64,6 +65,7 @@ def spec(args: list[str], terminal: bool = False) -> bytes:
         ],
         "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"},
                                  {"type": "network", "path": "/var/run/netns/does-not-matter"}],
+                  "resources": resources,
                   "maskedPaths": ["/proc/kcore"], "readonlyPaths": ["/proc/sys"]},
     }).encode()
 
@@ -206,10 +208,14 @@ async def env():
                                 text=True).stdout.split() if runc_root.exists() else []
         for cid in listed:
             subprocess.run(["runc", "--root", str(runc_root), "delete", "--force", cid])
+        import glob
+        cgroup_left = glob.glob(f"/sys/fs/cgroup/spinbox-vminitd-{proc.pid}") + \
+            glob.glob(f"/sys/fs/cgroup/*/spinbox-vminitd-{proc.pid}")
         print((tmp / "vminitd.log").read_text()[-3000:])
         shutil.rmtree(tmp, ignore_errors=True)
         assert not leftovers, f"container processes left behind: {leftovers}"
         assert not listed, f"runc containers left behind: {listed}"
+        assert not cgroup_left, f"cgroups left behind: {cgroup_left}"
 
 
 async def create(agent: Agent, env, id: str, args: list[str], *, terminal=False, stdin=False, stdout=True,
@@ -368,7 +374,7 @@ async def test_50mb_stdout_intact(env):
 async def test_pause_resume_and_stats(env):
     a = env["agent"]
     counter = env["rootfs"] / "tmp" / "counter"
-    await create(a, env, "p1", ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; done"],
+    await create(a, env, "p1", ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/counter; done"],
                  stdout=False, stderr=False)
     await a.c("Start", cpb.StartRequest(id="p1"), cpb.StartResponse)
 
@@ -376,8 +382,8 @@ async def test_pause_resume_and_stats(env):
         for _ in range(100):
             try:
                 return int(counter.read_text())
-            except (FileNotFoundError, ValueError):   # between truncate and write
-                time.sleep(0.01)
+            except (FileNotFoundError, ValueError):   # not written yet
+                time.sleep(0.05)
         raise AssertionError("no counter")
 
     async def advances() -> bool:
@@ -428,3 +434,56 @@ async def test_host_reconnect_loses_nothing(env):
     ev = await asyncio.wait_for(next_exit(events, "r1"), 30)
     assert ev.exit.exit_status == 0
     await b.c("Delete", cpb.DeleteRequest(id="r1"), cpb.DeleteResponse)
+
+
+async def test_oom_event_before_exit(env):
+    a = env["agent"]
+    events = await a.events()
+    await a.c("Create", cpb.CreateRequest(id="oom", spec=spec(["tail", "/dev/zero"], memory_limit=32 << 20),
+                                          rootfs=cpb.Rootfs(path=str(env["rootfs"]))), cpb.CreateResponse)
+    await a.c("Start", cpb.StartRequest(id="oom"), cpb.StartResponse)
+    kinds = []
+    while True:
+        ev = await asyncio.wait_for(events.recv(), 60)
+        kinds.append(ev.WhichOneof("event"))
+        if kinds[-1] == "exit":
+            break
+    assert kinds == ["oom", "exit"] and ev.exit.exit_status == 137
+    await a.c("Delete", cpb.DeleteRequest(id="oom"), cpb.DeleteResponse)
+    await events.aclose()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+async def test_pid1_mode_in_a_pid_namespace():
+    """vminitd as PID 1 (of a new pid+mount+uts namespace): PID 1 setup runs, Info says pid1,
+    and System.Shutdown powers off (reboot(2) in a pid namespace ends its init)."""
+    import ttrpc
+    # Not under /tmp or /run: PID 1 mode mounts fresh tmpfs there (in its private namespace).
+    tmp = Path(tempfile.mkdtemp(prefix="vmi-pid1-", dir="/var/tmp"))
+    sock = tmp / "a.sock"
+    log = open(tmp / "log", "wb")
+    proc = subprocess.Popen(["unshare", "--mount", "--pid", "--uts", "--fork", "--propagation", "private",
+                             sys.executable, "-m", "spinbox.vminitd.main", "--listen", f"unix:{sock}",
+                             "--state-dir", str(tmp / "state")], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        for _ in range(300):
+            if sock.exists() or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        c = await ttrpc.connect_unix(f"unix://{sock}")
+        try:
+            info = await c.call(SVC + "System", "Info", cpb.Empty(), sypb.InfoResponse, timeout=30)
+            assert info.pid1
+            await c.call(SVC + "System", "Shutdown", sypb.ShutdownRequest(), cpb.Empty, timeout=30)
+        finally:
+            await c.close()
+        await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60)   # it powered off
+        text = (tmp / "log").read_text()
+        assert "vminitd: ready in" in text and "shutting down" in text, text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -153,7 +153,7 @@ def kernel_cmdline(*extra: str) -> str:
 def qemu_argv(kernel: Path, initrd: Path, *, machine: str = "q35", append: str,
               mem: str = "256M,slots=2,maxmem=2G", smp: str = "1,maxcpus=4",
               qmp: Path | None = None, virtio_mem: bool = False) -> list[str]:
-    pci = machine != "microvm"
+    pci = machine.split(",")[0] != "microvm"
     argv = [QEMU, "-machine", machine, "-accel", "tcg", "-cpu", "max",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", "stdio", "-m", mem if pci else mem.split(",")[0], "-smp", smp,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from .status import Cancelled, ResourceExhausted, TTRPCError
+from .status import Cancelled, ResourceExhausted
 
 
 class FlowControlError(ResourceExhausted):
@@ -146,5 +146,3 @@ class ReceiveWindow:
         self._granted_limit = self.offset + self.window
         return self.offset, self.window
 
-
-__all__ = ["FlowControlError", "ReceiveWindow", "SendWindow", "TTRPCError"]

@@ -84,7 +84,8 @@ class Container:
 
 class Agent:
     def __init__(self, state_dir: Path, reaper: Reaper, *, runc_binary: str = "runc",
-                 events: EventLog | None = None, drain_idle_timeout: float = DRAIN_IDLE_TIMEOUT) -> None:
+                 events: EventLog | None = None, drain_idle_timeout: float = DRAIN_IDLE_TIMEOUT,
+                 cgroup_parent: str = _bundle.CGROUP_PARENT) -> None:
         self.state_dir = Path(state_dir)
         self.bundles = self.state_dir / "bundles"
         self.sockets = self.state_dir / "c"
@@ -94,6 +95,7 @@ class Agent:
         self.runc = Runc(reaper, self.state_dir / "runc", runc_binary, self.state_dir / "logs")
         self.events = events or EventLog()
         self.drain_idle_timeout = drain_idle_timeout
+        self.cgroup_parent = cgroup_parent
         self.containers: dict[str, Container] = {}
         self._oom_task: asyncio.Task | None = None
         self._sock_seq = 0
@@ -248,12 +250,13 @@ class Agent:
                 else:
                     raise InvalidArgument("create needs a rootfs path or rootfs mounts")
                 adapted, notes = _bundle.adapt_spec(parsed, id, rootfs, terminal=terminal,
-                                                    readonly=readonly or None)
+                                                    readonly=readonly or None,
+                                                    cgroup_parent=self.cgroup_parent)
                 for n in notes:
                     debug(f"{id}: {n}")
                 _bundle.write_json(bdir / "config.json", adapted)
                 init = Process(id, "", terminal, StdioWanted(stdin, stdout, stderr), ProcessState(id))
-                c = Container(id, bdir, init, _bundle.cgroup_path(id), mounted)
+                c = Container(id, bdir, init, _bundle.cgroup_path(id, self.cgroup_parent), mounted)
                 pid_file = bdir / "init.pid"
                 since = time.monotonic()
 
@@ -533,3 +536,4 @@ class Agent:
             del self.containers[id]
         if self._oom_task is not None:
             self._oom_task.cancel()
+        cgroups.remove_parent(self.cgroup_parent)

@@ -21,8 +21,8 @@ _REQUIRED_NAMESPACES = ("pid", "ipc", "uts", "mount")
 _BIND_TYPES = ("bind", "rbind")
 
 
-def cgroup_path(container_id: str) -> str:
-    return f"{CGROUP_PARENT}/{container_id}"
+def cgroup_path(container_id: str, parent: str = CGROUP_PARENT) -> str:
+    return f"{parent}/{container_id}"
 
 
 def parse_spec(raw: bytes, what: str = "OCI spec") -> dict[str, Any]:
@@ -36,7 +36,8 @@ def parse_spec(raw: bytes, what: str = "OCI spec") -> dict[str, Any]:
 
 
 def adapt_spec(spec: dict[str, Any], container_id: str, rootfs: str, *, terminal: bool,
-               readonly: bool | None = None, guest_root: str = "/") -> tuple[dict[str, Any], list[str]]:
+               readonly: bool | None = None, guest_root: str = "/",
+               cgroup_parent: str = CGROUP_PARENT) -> tuple[dict[str, Any], list[str]]:
     """Return (adapted spec, notes about what was changed). `guest_root` lets tests check bind
     sources against a different root."""
     s = copy.deepcopy(spec)
@@ -56,7 +57,7 @@ def adapt_spec(spec: dict[str, Any], container_id: str, rootfs: str, *, terminal
         notes.append("dropped hooks: hook binaries are host paths")
 
     linux = s.setdefault("linux", {})
-    linux["cgroupsPath"] = cgroup_path(container_id)
+    linux["cgroupsPath"] = cgroup_path(container_id, cgroup_parent)
     if linux.pop("mountLabel", None):
         notes.append("dropped linux.mountLabel")
     namespaces = []

@@ -56,3 +56,21 @@ def summarize_stats(events_json: dict[str, Any]) -> dict[str, int]:
         "pids_current": int(pids.get("current") or 0),
         "pids_limit": _limit(pids.get("limit")),
     }
+
+
+def remove_parent(cgroup: str, root: str = CGROUP_ROOT) -> None:
+    """rmdir the (empty) parent cgroup runc created for our containers, in every hierarchy."""
+    rel = cgroup.strip("/")
+    if not rel:
+        return
+    dirs = [os.path.join(root, rel)]
+    if not is_v2(root):
+        try:
+            dirs = [os.path.join(root, h, rel) for h in os.listdir(root)]
+        except OSError:
+            return
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass

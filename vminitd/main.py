@@ -60,7 +60,10 @@ async def _amain(args: argparse.Namespace, pid1: bool) -> int:
         become_subreaper()
     reaper.install(loop)
     state_dir = Path(args.state_dir or "/run/spinbox")
-    agent = Agent(state_dir, reaper, runc_binary=args.runc, drain_idle_timeout=args.drain_timeout)
+    # In the VM the guest is ours: /spinbox. Outside one, several agents may share the host's
+    # cgroups: a parent per agent, removed at exit.
+    agent = Agent(state_dir, reaper, runc_binary=args.runc, drain_idle_timeout=args.drain_timeout,
+                  cgroup_parent="/spinbox" if pid1 else f"/spinbox-vminitd-{os.getpid()}")
     stop = asyncio.Event()
     power = {"reboot": False, "off": False}
 

@@ -66,6 +66,9 @@ class VMConfig:
     memory_hotplug: str = "virtio-mem"
     # guest RAM backend; memfd with share=on is what vhost-user (virtiofsd) needs
     memory_backend: str = "memfd"
+    # q35: empty PCIe root ports for hot-plugged PCI devices (virtiofs, NICs, disks): q35's
+    # root bus pcie.0 cannot hot-plug, every hot-plugged device needs a free port
+    pci_hotplug_ports: int = 4
     transport: str = "auto"
     vsock_port: int = AGENT_VSOCK_PORT
     agent_port_name: str = AGENT_PORT_NAME
@@ -136,6 +139,8 @@ class VMConfig:
                 raise err("max_memory_mb", "max_memory_mb - memory_mb must be a multiple of 2 MiB")
         if not isinstance(self.memory_slots, int) or not 0 <= self.memory_slots <= 256:
             raise err("memory_slots", f"must be an integer 0..256 (got {self.memory_slots!r})")
+        if not isinstance(self.pci_hotplug_ports, int) or not 0 <= self.pci_hotplug_ports <= 32:
+            raise err("pci_hotplug_ports", f"must be an integer 0..32 (got {self.pci_hotplug_ports!r})")
         if self.memory_hotplug == "pc-dimm" and self.hotplug_memory_mb and self.memory_slots < 1:
             raise err("memory_slots", "pc-dimm memory hot-plug needs at least one slot")
         if self.machine == "microvm":
@@ -203,7 +208,7 @@ class VMConfig:
 
 
 _PATH_KEYS = {"kernel", "initrd", "root_disk", "console_log"}
-_INT_KEYS = {"vcpus", "max_vcpus", "memory_mb", "max_memory_mb", "memory_slots", "vsock_port", "tcg_tb_size_mb"}
+_INT_KEYS = {"pci_hotplug_ports", "vcpus", "max_vcpus", "memory_mb", "max_memory_mb", "memory_slots", "vsock_port", "tcg_tb_size_mb"}
 _BOOL_KEYS = {"keep_console_log", "seccomp_sandbox", "rng", "die_with_parent"}
 
 

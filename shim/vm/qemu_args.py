@@ -28,6 +28,7 @@ VIRTIO_MEM_ID = "vmem0"          # qom path /machine/peripheral/vmem0
 VIRTIO_MEM_BACKEND_ID = "vmem0-mem"
 RAM_BACKEND_ID = "ram0"
 AGENT_CHARDEV_ID = "agent"
+HOTPLUG_PORT_PREFIX = "hp"        # pcie-root-port ids hp0, hp1, ...
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -138,6 +139,9 @@ def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str =
     if config.rng:
         argv += ["-object", "rng-builtin,id=rng0",
                  "-device", f"{virtio_device(config, 'virtio-rng')},rng=rng0"]
+    if _is_pci(config):
+        for i in range(config.pci_hotplug_ports):
+            argv += ["-device", f"pcie-root-port,id={HOTPLUG_PORT_PREFIX}{i},bus=pcie.0,chassis={i + 1}"]
     if hotplug_mb and config.memory_hotplug == "virtio-mem":
         # the whole hot-plug room, plugged 0 at boot; grown later with qom-set requested-size
         argv += [

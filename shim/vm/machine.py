@@ -1,0 +1,601 @@
+"""One QEMU VM: start, watch, stop — with a clear run state.
+
+    CREATED ──start()──▶ BOOTING ──ready──▶ RUNNING ──stop()──▶ STOPPING ──▶ STOPPED
+                            │                  │
+                            └──boot failure────┴──QEMU died──▶ FAILED  (stop() still cleans up)
+
+`start(probe)` execs QEMU in its own process group, connects QMP, and waits until the guest is
+ready: `probe()` (the caller's agent ping; the VM layer knows nothing of the agent API) returns
+without raising, or — without a probe — the console shows `config.ready_marker`. A boot
+watchdog kills a guest that is not ready within `timeouts.boot_s` and raises `VMBootError`
+with the QEMU exit status and the console tail. The boot timeline is always logged and kept in
+`vm.timeline`.
+
+QEMU dying at any time is noticed by a task waiting on the process (and the QMP connection
+dropping): `vm.died` is set, `await vm.wait_died()` returns a `VMExit`, callbacks run.
+
+`stop()` is idempotent and safe from any state and on cancellation: graceful (caller's
+callable or ACPI powerdown, bounded) → QMP quit → SIGKILL to the group → reap; then every
+helper process, socket, log and pidfile the VM made is removed, and the CID released.
+`kill_from_state(state_dir)` does the same for a VM whose shim crashed, from vm.json.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.protocol import Runstate
+
+from . import accel as accel_mod
+from . import procinfo
+from .cid import DEFAULT_RUNTIME_DIR, CIDLease, allocate_cid
+from .config import VMConfig
+from .console import ConsoleLog
+from .paths import VMPaths
+from .qemu_args import Resolved, build_argv
+
+log = logging.getLogger("spinbox.vm")
+
+Probe = Callable[[], Awaitable[object]]
+Cleanup = Callable[[], Awaitable[None]]
+STATE_FILE_VERSION = 1
+
+
+class VMState(enum.Enum):
+    CREATED = "created"
+    BOOTING = "booting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class VMError(Exception):
+    pass
+
+
+class VMStateError(VMError):
+    pass
+
+
+class VMBootError(VMError):
+    """The guest did not become ready. Carries what is known about why."""
+
+    def __init__(self, message: str, *, timeline: dict[str, float], returncode: int | None,
+                 console_tail: list[str], qemu_log_tail: list[str], timed_out: bool = False):
+        parts = [message]
+        if qemu_log_tail:
+            parts.append("QEMU output:\n  " + "\n  ".join(qemu_log_tail))
+        parts.append("console tail:\n  " + ("\n  ".join(console_tail) if console_tail else "(empty)"))
+        super().__init__("\n".join(parts))
+        self.timeline = timeline
+        self.returncode = returncode
+        self.console_tail = console_tail
+        self.qemu_log_tail = qemu_log_tail
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class VMExit:
+    returncode: int
+    expected: bool       # True when stop() (or the caller's shutdown) ended it
+    reason: str          # human readable: "exit status 0", "killed by SIGKILL"
+    t: float             # host seconds since QEMU exec
+
+
+def _tail_file(path: Path, n: int = 20, max_bytes: int = 16384) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return []
+    return [ln.decode(errors="replace").rstrip("\r") for ln in data.splitlines()[-n:]]
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+class VM:
+    def __init__(self, config: VMConfig, state_dir: str | os.PathLike[str], *, name: str = "spinbox",
+                 cid_runtime_dir: str | os.PathLike[str] = DEFAULT_RUNTIME_DIR,
+                 accel: accel_mod.Choice | None = None, transport: accel_mod.Choice | None = None):
+        self.config = config.validate()
+        self.name = name
+        self.paths = VMPaths(Path(state_dir), config.console_log)
+        self._cid_runtime_dir = Path(cid_runtime_dir)
+        self.accel = accel            # resolved at start() unless given
+        self.transport = transport
+        self._state = VMState.CREATED
+        self._state_changed = asyncio.Event()
+        self._cid: CIDLease | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pid_start: int | None = None
+        self._qmp: QMPClient | None = None
+        self._t0 = 0.0
+        self.timeline: dict[str, float] = {}
+        self.console: ConsoleLog | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._exit_task: asyncio.Task[VMExit] | None = None
+        self._stop_task: asyncio.Task[VMExit | None] | None = None
+        self._stopping = False
+        self.exit: VMExit | None = None
+        self.died = asyncio.Event()            # QEMU exited without stop() asking for it
+        self.exited = asyncio.Event()          # QEMU exited, for any reason
+        self.qmp_lost = asyncio.Event()        # the QMP connection dropped while QEMU was up
+        self._exit_callbacks: list[Callable[[VMExit], None]] = []
+        self._cleanups: list[tuple[str, Cleanup]] = []
+        self._helpers: dict[str, dict[str, Any]] = {}   # persisted helper processes (virtiofsd)
+        self._created_state_dir = False
+        self._last_probe_error: BaseException | None = None
+        self.fd_lock = asyncio.Lock()   # SCM_RIGHTS + getfd must not interleave with another fd
+        self.used_ports: set[str] = set()  # pcie-root-ports taken by hot-plugged devices
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def state(self) -> VMState:
+        return self._state
+
+    def _set_state(self, new: VMState) -> None:
+        if new is not self._state:
+            log.debug("vm %s: %s -> %s", self.name, self._state.value, new.value)
+            self._state = new
+            self._state_changed.set()
+            self._state_changed = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def cid(self) -> int | None:
+        return self._cid.cid if self._cid else None
+
+    @property
+    def qmp(self) -> QMPClient:
+        if self._qmp is None or self._qmp.runstate is not Runstate.RUNNING:
+            raise VMStateError(f"vm {self.name}: no QMP connection (state {self._state.value})")
+        return self._qmp
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def add_exit_callback(self, cb: Callable[[VMExit], None]) -> None:
+        """Called once when QEMU exits (expected or not); right away if it already has."""
+        if self.exit is not None:
+            cb(self.exit)
+        else:
+            self._exit_callbacks.append(cb)
+
+    async def wait_exited(self) -> VMExit:
+        await self.exited.wait()
+        assert self.exit is not None
+        return self.exit
+
+    async def wait_died(self) -> VMExit:
+        """Returns only if QEMU exits unexpectedly (the shim fails its tasks then)."""
+        await self.died.wait()
+        assert self.exit is not None
+        return self.exit
+
+    def add_cleanup(self, what: str, fn: Cleanup) -> None:
+        """Run `fn` when the VM stops (after QEMU is gone), newest first."""
+        self._cleanups.append((what, fn))
+
+    # ------------------------------------------------------------------ QMP
+    async def execute(self, cmd: str, arguments: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        if self._state not in (VMState.BOOTING, VMState.RUNNING, VMState.STOPPING):
+            raise VMStateError(f"vm {self.name}: cannot run QMP {cmd} in state {self._state.value}")
+        return await asyncio.wait_for(self.qmp.execute(cmd, arguments),
+                                      timeout or self.config.timeouts.qmp_command_s)
+
+    # ------------------------------------------------------------------ start
+    async def start(self, probe: Probe | None = None) -> dict[str, float]:
+        """Boot and wait until ready; returns the timeline. On any failure QEMU is gone and
+        everything cleaned up before the exception leaves (state FAILED)."""
+        if self._state is not VMState.CREATED:
+            raise VMStateError(f"vm {self.name}: start() in state {self._state.value} (a VM starts once)")
+        self._set_state(VMState.BOOTING)
+        try:
+            self._prepare()
+            await self._exec()
+            await self._boot(probe)
+        except BaseException as exc:
+            await self._fail_boot(exc)
+            raise
+        self._set_state(VMState.RUNNING)
+        self.timeline["ready"] = self.elapsed()
+        self._log_timeline()
+        return dict(self.timeline)
+
+    def _prepare(self) -> None:
+        c = self.config
+        if self.accel is None:
+            self.accel = accel_mod.select_accel(c.accel)
+        if self.transport is None:
+            self.transport = accel_mod.select_transport(c.transport)
+        log.info("vm %s: accel %s; transport %s", self.name, self.accel, self.transport)
+        if not self.paths.state_dir.exists():
+            self.paths.state_dir.mkdir(parents=True, mode=0o700)
+            self._created_state_dir = True
+        for p in (self.paths.qmp_socket, self.paths.agent_socket, self.paths.pidfile):
+            p.unlink(missing_ok=True)  # stale ones from an earlier VM in this dir
+        if self.transport.value == "vsock":
+            self._cid = allocate_cid(self._cid_runtime_dir)
+
+    async def _exec(self) -> None:
+        argv = build_argv(self.config, self.paths,
+                          Resolved(self.accel.value, self.transport.value, self.cid),  # type: ignore[union-attr]
+                          name=self.name)
+        log.debug("vm %s: exec %s", self.name, " ".join(argv))
+        self.paths.console_log.parent.mkdir(parents=True, exist_ok=True)
+        self.paths.console_log.write_bytes(b"")  # QEMU appends; start from an empty file
+        with open(self.paths.qemu_log, "wb") as out:
+            self._t0 = time.monotonic()
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                process_group=0,  # our signals (Ctrl-C to the shim's group) never reach it
+                preexec_fn=procinfo.set_pdeathsig if self.config.die_with_parent else None)
+        self.timeline = {"qemu_exec": 0.0}
+        self._pid_start = procinfo.start_time(self._proc.pid)
+        self.console = ConsoleLog(self.paths.console_log, self._t0)
+        self._persist()
+        self._exit_task = asyncio.create_task(self._watch_process(), name=f"vm-{self.name}-wait")
+
+    def _persist(self) -> None:
+        """vm.json: enough for kill_from_state() after a shim crash."""
+        if self._proc is None:
+            return
+        _write_json_atomic(self.paths.state_file, {
+            "version": STATE_FILE_VERSION,
+            "name": self.name,
+            "pid": self._proc.pid,
+            "start_time": self._pid_start,
+            "tag": str(self.paths.qmp_socket),   # appears in QEMU's argv: proves it is ours
+            "cid": self.cid,
+            "cid_lock": str(self._cid.path) if self._cid else None,
+            "helpers": self._helpers,
+            "files": [str(p) for p in self._owned_files()],
+        })
+
+    def _owned_files(self) -> list[Path]:
+        p = self.paths
+        files = [p.qmp_socket, p.agent_socket, p.pidfile, p.qemu_log, p.state_file]
+        if not self.config.keep_console_log:
+            files.append(p.console_log)
+        for tag in self._helpers:
+            files += [p.virtiofs_socket(tag), p.virtiofsd_log(tag)]
+        return files
+
+    async def _watch_process(self) -> VMExit:
+        assert self._proc is not None
+        rc = await self._proc.wait()
+        expected = self._stopping
+        ex = VMExit(rc, expected, procinfo.describe_returncode(rc), self.elapsed())
+        self.exit = ex
+        if not expected:
+            log.error("vm %s: QEMU (pid %d) exited unexpectedly after %.2f s: %s", self.name,
+                      self._proc.pid, ex.t, ex.reason)
+            if self._state is VMState.RUNNING:
+                self._set_state(VMState.FAILED)
+            self.died.set()
+        else:
+            log.info("vm %s: QEMU exited (%s)", self.name, ex.reason)
+        self.exited.set()
+        for cb in self._exit_callbacks:
+            try:
+                cb(ex)
+            except Exception:  # a callback must not break the others
+                log.exception("vm %s: exit callback failed", self.name)
+        return ex
+
+    async def _connect_qmp(self, deadline: float) -> None:
+        client = QMPClient(self.name)
+        sock = str(self.paths.qmp_socket)
+        delay = 0.001  # QEMU creates the socket within ~40 ms; poll tightly, back off a little
+        while True:
+            if not self.alive:
+                raise VMError("QEMU exited before its QMP socket came up")
+            if os.path.exists(sock):
+                try:
+                    await client.connect(sock)
+                    break
+                except Exception as e:  # ConnectError: not listening yet
+                    last = e
+            if time.monotonic() > deadline:
+                raise VMError(f"QMP socket {sock} not ready within {self.config.timeouts.qmp_connect_s} s"
+                              + (f" ({last})" if "last" in locals() else ""))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        self._qmp = client
+        self.timeline["qmp_ready"] = self.elapsed()
+        self._spawn(self._watch_qmp(client), "qmp-watch")
+
+    async def _watch_qmp(self, client: QMPClient) -> None:
+        while True:
+            state = await client.runstate_changed()
+            if state in (Runstate.DISCONNECTING, Runstate.IDLE):
+                if not self._stopping:
+                    log.warning("vm %s: QMP connection lost", self.name)
+                    self.qmp_lost.set()
+                return
+
+    def _spawn(self, coro: Awaitable[Any], what: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"vm-{self.name}-{what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _watch_console(self) -> None:
+        """Timeline marks from the console: first output, the ready marker."""
+        assert self.console is not None
+        marker = self.config.ready_marker
+        while True:
+            self.console.poll()
+            if "first_console" not in self.timeline and self.console.line_count:
+                self.timeline["first_console"] = self.console.lines()[0].t
+            if marker and "ready_marker" not in self.timeline:
+                hit = self.console.find(marker)
+                if hit:
+                    self.timeline["ready_marker"] = hit.t
+            if "first_console" in self.timeline and (not marker or "ready_marker" in self.timeline):
+                return
+            await asyncio.sleep(0.02)
+
+    async def _boot(self, probe: Probe | None) -> None:
+        t = self.config.timeouts
+        deadline = self._t0 + t.boot_s
+        ready = asyncio.ensure_future(self._wait_ready(probe, deadline))
+        assert self._exit_task is not None
+        try:
+            done, _ = await asyncio.wait({ready, self._exit_task}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            ready.cancel()
+            raise
+        if ready in done:
+            ready.result()  # raises what the readiness wait raised
+            return
+        ready.cancel()
+        with contextlib.suppress(BaseException):
+            await ready
+        if self._exit_task in done:
+            raise VMError(f"QEMU exited during boot ({self._exit_task.result().reason})")
+        raise TimeoutError(f"guest not ready within the boot timeout of {t.boot_s} s")
+
+    async def _wait_ready(self, probe: Probe | None, deadline: float) -> None:
+        await self._connect_qmp(min(deadline, self._t0 + self.config.timeouts.qmp_connect_s))
+        watcher = self._spawn(self._watch_console(), "console")
+        if probe is not None:
+            delay = 0.01
+            while True:
+                try:
+                    ok = await asyncio.wait_for(probe(), max(0.05, deadline - time.monotonic()))
+                    if ok is not False:
+                        break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # expected while the guest boots
+                    self._last_probe_error = e
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+            self.timeline["probe_ok"] = self.elapsed()
+        elif self.config.ready_marker:
+            await watcher  # returns once the marker is seen (the boot deadline bounds it)
+        # one last look so the marks are filled in when the guest was quick
+        if not watcher.done():
+            assert self.console is not None
+            self.console.poll()
+            if self.console.line_count and "first_console" not in self.timeline:
+                self.timeline["first_console"] = self.console.lines()[0].t
+
+    async def _fail_boot(self, exc: BaseException) -> None:
+        timed_out = isinstance(exc, TimeoutError)
+        was_alive = self.alive
+        if self.alive:
+            self._kill_group()
+        await self._reap()
+        console_tail = self.console.tail(25) if self.console else []
+        qemu_tail = _tail_file(self.paths.qemu_log, 15)
+        timeline = dict(self.timeline)
+        rc = self._proc.returncode if self._proc else None
+        await self._release()
+        self._set_state(VMState.FAILED)
+        if isinstance(exc, asyncio.CancelledError):
+            return  # the caller gave up; nothing to explain, everything is cleaned up
+        why = str(exc) or type(exc).__name__
+        if timed_out:
+            why += f"; QEMU {'killed by the boot watchdog' if was_alive else procinfo.describe_returncode(rc)}"
+            last = getattr(self, "_last_probe_error", None)
+            if last is not None:
+                why += f"; last probe error: {last!r}"
+        elif rc is not None and "QEMU exited" not in why:
+            why += f"; QEMU {procinfo.describe_returncode(rc)}"
+        marks = " ".join(f"{k}={v:.3f}" for k, v in timeline.items())
+        err = VMBootError(f"vm {self.name}: boot failed: {why} (timeline: {marks})", timeline=timeline,
+                          returncode=rc, console_tail=console_tail, qemu_log_tail=qemu_tail, timed_out=timed_out)
+        log.error("%s", err)
+        raise err from exc
+
+    def _log_timeline(self) -> None:
+        marks = " ".join(f"{k}={v:.3f}" for k, v in self.timeline.items() if k != "qemu_exec")
+        log.info("BOOT_TIMELINE vm=%s accel=%s machine=%s %s", self.name,
+                 self.accel.value if self.accel else "?", self.config.machine, marks)
+
+    # ------------------------------------------------------------------ helpers (virtiofsd)
+    def register_helper(self, key: str, pid: int, tag: str) -> None:
+        """Persist a helper process (so crash cleanup kills it too)."""
+        self._helpers[key] = {"pid": pid, "start_time": procinfo.start_time(pid), "tag": tag}
+        self._persist()
+
+    def unregister_helper(self, key: str) -> None:
+        if self._helpers.pop(key, None) is not None and self.alive:
+            self._persist()
+
+    # ------------------------------------------------------------------ stop
+    async def stop(self, *, graceful: Callable[[], Awaitable[object]] | None = None,
+                   powerdown: bool = False) -> VMExit | None:
+        """Stop QEMU and release everything. Idempotent; concurrent calls share one stop; a
+        cancelled caller does not interrupt it. `graceful`: e.g. the agent's shutdown call;
+        `powerdown`: ACPI power button (only useful if the guest handles it)."""
+        if self._state is VMState.CREATED:
+            self._set_state(VMState.STOPPED)
+            return None
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._do_stop(graceful, powerdown))
+        return await asyncio.shield(self._stop_task)
+
+    async def _do_stop(self, graceful: Callable[[], Awaitable[object]] | None, powerdown: bool) -> VMExit | None:
+        failed = self._state is VMState.FAILED
+        self._stopping = True
+        if not failed:
+            self._set_state(VMState.STOPPING)
+        t = self.config.timeouts
+        try:
+            if self.alive and (graceful or powerdown):
+                try:
+                    if graceful is not None:
+                        await asyncio.wait_for(graceful(), t.shutdown_grace_s)
+                    else:
+                        await self.execute("system_powerdown", timeout=t.shutdown_grace_s)
+                    await self._wait_exit(t.shutdown_grace_s)
+                except Exception as e:
+                    log.info("vm %s: graceful stop did not finish: %r", self.name, e)
+            if self.alive and self._qmp is not None and self._qmp.runstate is Runstate.RUNNING:
+                with contextlib.suppress(Exception):
+                    # `quit` may not get its reply out before QEMU closes the socket
+                    await asyncio.wait_for(self._qmp.execute("quit"), t.quit_s)
+                await self._wait_exit(t.quit_s)
+            if self.alive:
+                log.warning("vm %s: QEMU still running, SIGKILL", self.name)
+                self._kill_group()
+        finally:
+            if self.alive:
+                self._kill_group()
+            await self._reap()
+            await self._release()
+            self._set_state(VMState.FAILED if failed else VMState.STOPPED)
+        return self.exit
+
+    async def _wait_exit(self, timeout: float) -> None:
+        if self._exit_task is None:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._exit_task), timeout)
+
+    def _kill_group(self) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        self._stopping = True  # our own kill is an expected exit
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+
+    async def _reap(self) -> None:
+        if self._exit_task is not None:
+            await asyncio.wait_for(asyncio.shield(self._exit_task), self.config.timeouts.kill_s)
+
+    async def _release(self) -> None:
+        """After QEMU is gone: QMP, tasks, helpers, CID, files. Never raises."""
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await self._qmp.disconnect()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        while self._cleanups:
+            what, fn = self._cleanups.pop()
+            try:
+                await fn()
+            except Exception:
+                log.exception("vm %s: cleanup %s failed", self.name, what)
+        if self._cid is not None:
+            self._cid.release()
+        for p in self._owned_files():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.state_file.with_name(self.paths.state_file.name + ".tmp").unlink()
+        if self._created_state_dir:
+            with contextlib.suppress(OSError):
+                self.paths.state_dir.rmdir()  # only if empty: it may hold the kept console log
+
+    # ------------------------------------------------------------------ context manager
+    async def __aenter__(self) -> VM:
+        if self._state is VMState.CREATED:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# crash cleanup
+
+def kill_from_state(state_dir: str | os.PathLike[str], *, timeout: float = 5.0,
+                    keep_console_log: bool = False) -> list[str]:
+    """Clean up after a VM whose shim died: kill QEMU and its helpers if (and only if) the pids
+    still belong to them (start time + argv tag from vm.json), release the CID lock file and
+    remove the VM's files. Idempotent; returns what it did."""
+    d = Path(state_dir)
+    state_file = d / "vm.json"
+    done: list[str] = []
+    try:
+        st = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        return done
+    except (OSError, ValueError) as e:
+        raise VMError(f"unreadable VM state {state_file}: {e}") from None
+    procs = [("qemu", st.get("pid"), st.get("start_time"), st.get("tag"))]
+    procs += [(f"helper {k}", h.get("pid"), h.get("start_time"), h.get("tag"))
+              for k, h in (st.get("helpers") or {}).items()]
+    for what, pid, start, tag in procs:
+        if isinstance(pid, int) and isinstance(start, int):
+            if procinfo.kill_verified(pid, start, tag, timeout=timeout):
+                done.append(f"killed {what} pid {pid}")
+            else:
+                done.append(f"{what} pid {pid} already gone")
+    cid_lock = st.get("cid_lock")
+    if cid_lock:
+        # the dead shim's flock died with it; the file is ours to remove if nobody locked it
+        from .cid import _try_lock
+        p = Path(cid_lock)
+        if p.exists():
+            fd = _try_lock(p)
+            if fd is not None:
+                p.unlink(missing_ok=True)
+                os.close(fd)
+                done.append(f"released CID {st.get('cid')}")
+    for f in st.get("files") or []:
+        p = Path(f)
+        if p.parent != d or (keep_console_log and p.name == "console.log"):
+            continue  # never delete outside the state dir, whatever the file says
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            done.append(f"removed {p.name}")
+    state_file.unlink(missing_ok=True)
+    return done
