@@ -7,9 +7,11 @@ The kernel comes from the share dir; `task build:kernel` (kernel/build.sh) puts 
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,23 +96,18 @@ async def test_q35_boots_to_init_with_container_features_and_powers_off(kernel, 
 
 
 async def test_microvm_finds_virtio_mmio_devices(kernel, initramfs):
-    # microvm has no PCI: the same virtio devices arrive over virtio-mmio (described in ACPI).
-    # Known QEMU/TCG issue (reference/environment.md): a microvm boot sometimes hangs before the
-    # first console line, so a silent boot is retried like the VM layer's watchdog would.
-    argv = bc.qemu_argv(kernel, initramfs, machine="microvm", append=bc.kernel_cmdline(),
-                        smp="1")
-    for attempt in range(3):
-        async with bc.run_guest(argv) as guest:
-            try:
-                await guest.wait_line(bc.INIT_MARKER, 30)
-            except TimeoutError:
-                if guest.lines:
-                    raise
-                continue
-            await guest.wait_line(bc.DONE_MARKER, 120)
-            _assert_guest_facts(guest)
-            return
-    pytest.fail("microvm printed nothing in 3 boots")
+    # microvm has no PCI: the same virtio devices arrive over virtio-mmio. With ACPI on, microvm
+    # boots hang now and then under TCG (the timer tick never arrives; kernel/README.md), so the
+    # supported variant is acpi=off, where QEMU lists the devices as virtio_mmio.device= on the
+    # kernel command line (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+    argv = bc.qemu_argv(kernel, initramfs, machine="microvm,acpi=off", smp="1",
+                        append=bc.kernel_cmdline("spinbox.test.exit=reboot"))
+    async with bc.run_guest(argv) as guest:
+        await guest.wait_line(bc.INIT_MARKER, 120)
+        await guest.wait_line(bc.DONE_MARKER, 120)
+        # no ACPI power-off here: the guest reboots and -no-reboot turns that into an exit
+        assert await guest.wait_exit(120) == 0, guest.console()
+        _assert_guest_facts(guest)
 
 
 async def test_q35_vcpu_and_virtio_mem_hotplug(kernel, initramfs, tmp_path):
@@ -136,3 +133,47 @@ async def test_q35_vcpu_and_virtio_mem_hotplug(kernel, initramfs, tmp_path):
         _, shrunk_kb = await bc.resize_virtio_mem(guest, 0, base_kb)
         assert shrunk_kb <= base_kb + 8 * 1024, guest.console()
         assert await guest.qmp("qom-get", path="/machine/peripheral/vm0", property="size") == 0
+
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"  # Debian's C virtiofsd, from qemu-system-common
+
+
+async def test_q35_mounts_every_rootfs_share(kernel, initramfs, tmp_path):
+    """erofs (lz4) and ext4 on virtio-blk, virtiofs, 9p, and an overlay on top: each mounts in the
+    guest and serves the file the host put there."""
+    for tool in ("mkfs.erofs", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            _skip_or_fail(f"{tool} not installed (erofs-utils / e2fsprogs)")
+    if not os.access(VIRTIOFSD, os.X_OK):
+        _skip_or_fail(f"{VIRTIOFSD} missing (qemu-system-common)")
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "marker").write_text("from-host\n")
+    erofs, ext4 = tmp_path / "r.erofs", tmp_path / "r.ext4"
+    subprocess.run(["mkfs.erofs", "-zlz4", str(erofs), str(tree)], check=True,
+                   capture_output=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(ext4), "8M"], check=True,
+                   capture_output=True)
+
+    sock = tmp_path / "vfs.sock"
+    virtiofsd = subprocess.Popen([VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={tree}",
+                                  "-o", "cache=auto"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if sock.exists() or virtiofsd.poll() is not None:
+                break
+            await asyncio.sleep(0.025)
+        assert sock.exists(), f"virtiofsd did not create {sock} (rc {virtiofsd.poll()})"
+        argv = bc.qemu_argv(kernel, initramfs, machine="q35", mem="256M",
+                            disks={"erofs": erofs, "ext4": ext4}, virtiofs_socket=sock,
+                            share_9p=tree, append=bc.kernel_cmdline("spinbox.test=mounts"))
+        async with bc.run_guest(argv) as guest:
+            await guest.wait_line(bc.DONE_MARKER, 120)
+            mounts = dict(m.split(maxsplit=1) for m in guest.facts("MOUNT"))
+    finally:
+        virtiofsd.kill()
+        virtiofsd.wait()
+    assert mounts == {"erofs": "from-host", "ext4": "from-host", "virtiofs": "from-host",
+                      "9p": "from-host", "overlay": "changed"}, guest.console()

@@ -487,3 +487,13 @@ async def test_pid1_mode_in_a_pid_namespace():
             proc.wait()
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def test_delete_a_created_container_that_never_started(env):
+    a = env["agent"]
+    await create(a, env, "never", ["sleep", "1000"])      # stdout/stderr wanted but never read
+    d = await a.c("Delete", cpb.DeleteRequest(id="never"), cpb.DeleteResponse)
+    assert d.exit_status == 137
+    import ttrpc
+    with pytest.raises(ttrpc.NotFound):
+        await a.c("State", cpb.StateRequest(id="never"), cpb.StateResponse)

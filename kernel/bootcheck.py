@@ -64,6 +64,22 @@ echo "SECCOMP $(grep '^Seccomp:' /proc/self/status)"
 echo "NPROC $(nproc)"
 echo "MEMTOTAL $(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
 case " $(cat /proc/cmdline) " in
+*" spinbox.test=mounts "*)
+    # every rootfs-sharing path: virtio-blk disks named by their serial (= fs type), virtiofs, 9p
+    for d in /sys/block/vd*; do
+        fs=$(cat "$d/serial")
+        mkdir -p "/mnt/$fs"
+        mount -t "$fs" -o ro "/dev/${d##*/}" "/mnt/$fs" && echo "MOUNT $fs $(cat /mnt/$fs/marker)"
+    done
+    mkdir -p /mnt/virtiofs /mnt/9p
+    mount -t virtiofs share /mnt/virtiofs && echo "MOUNT virtiofs $(cat /mnt/virtiofs/marker)"
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro share9p /mnt/9p &&
+        echo "MOUNT 9p $(cat /mnt/9p/marker)"
+    # an overlay on top, as runc would get it: erofs lower, tmpfs upper
+    mkdir -p /ovl && mount -t tmpfs tmpfs /ovl && mkdir -p /ovl/u /ovl/w /ovl/m &&
+        mount -t overlay overlay -o lowerdir=/mnt/erofs,upperdir=/ovl/u,workdir=/ovl/w /ovl/m &&
+        echo changed > /ovl/m/marker && echo "MOUNT overlay $(cat /ovl/m/marker)"
+    ;;
 *" spinbox.test=hotplug "*)
     last=
     while :; do
@@ -83,7 +99,12 @@ case " $(cat /proc/cmdline) " in
     ;;
 esac
 echo SPINBOX-INIT-DONE
-poweroff -f
+# ACPI power-off ends QEMU on q35; microvm without ACPI only halts, but a reboot ends any
+# machine started with -no-reboot
+case " $(cat /proc/cmdline) " in
+*" spinbox.test.exit=reboot "*) reboot -f ;;
+*) poweroff -f ;;
+esac
 """
 
 
@@ -132,7 +153,7 @@ def find_static_busybox() -> Path | None:
 
 
 def build_initramfs(dest: Path, busybox: Path) -> Path:
-    entries = [CpioEntry(d, 0o040755) for d in ("bin", "dev", "proc", "sys", "tmp")]
+    entries = [CpioEntry(d, 0o040755) for d in ("bin", "dev", "mnt", "proc", "sys", "tmp")]
     entries += [
         CpioEntry("dev/console", 0o020600, rdev=(5, 1)),
         CpioEntry("bin/busybox", 0o100755, busybox.read_bytes()),
@@ -152,7 +173,9 @@ def kernel_cmdline(*extra: str) -> str:
 
 def qemu_argv(kernel: Path, initrd: Path, *, machine: str = "q35", append: str,
               mem: str = "256M,slots=2,maxmem=2G", smp: str = "1,maxcpus=4",
-              qmp: Path | None = None, virtio_mem: bool = False) -> list[str]:
+              qmp: Path | None = None, virtio_mem: bool = False,
+              disks: dict[str, Path] | None = None, virtiofs_socket: Path | None = None,
+              share_9p: Path | None = None) -> list[str]:
     pci = machine.split(",")[0] != "microvm"
     argv = [QEMU, "-machine", machine, "-accel", "tcg", "-cpu", "max",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -162,6 +185,19 @@ def qemu_argv(kernel: Path, initrd: Path, *, machine: str = "q35", append: str,
             "-chardev", "null,id=port0",
             "-device", f"virtserialport,chardev=port0,name={VPORT_NAME}",
             "-chardev", "null,id=con0", "-device", "virtconsole,chardev=con0"]
+    for serial, image in (disks or {}).items():
+        argv += ["-drive", f"file={image},if=none,id=d-{serial},format=raw,readonly=on",
+                 "-device", f"virtio-blk-pci,drive=d-{serial},serial={serial}"]
+    if virtiofs_socket is not None:
+        # vhost-user needs guest RAM in shared memory
+        size = mem.split(",")[0]
+        argv += ["-object", f"memory-backend-memfd,id=ram0,size={size},share=on",
+                 "-machine", "memory-backend=ram0",
+                 "-chardev", f"socket,id=vfs,path={virtiofs_socket}",
+                 "-device", "vhost-user-fs-pci,chardev=vfs,tag=share"]
+    if share_9p is not None:
+        argv += ["-fsdev", f"local,id=fs9,path={share_9p},security_model=none,readonly=on",
+                 "-device", "virtio-9p-pci,fsdev=fs9,mount_tag=share9p"]
     if virtio_mem:
         argv += ["-object", "memory-backend-ram,id=vmem0,size=1G",
                  "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0"]
@@ -352,7 +388,9 @@ async def measure_boot(kernel: Path, machine: str, runs: int, extra: list[str]) 
                     continue
                 walls.append(ln.t)
                 guests.append(parse_state(ln.text)["uptime"])
-                print(f"run {i}: wall {ln.t:.3f} s, guest uptime {guests[-1]:.2f} s")
+                await g.wait_line(DONE_MARKER, 30)
+                print(f"run {i}: wall {ln.t:.3f} s, guest uptime {guests[-1]:.2f} s, "
+                      f"virtio ports seen: {len(g.facts('VPORT'))}")
         if walls:
             print(f"{machine}: wall median {statistics.median(walls):.3f} s "
                   f"(min {min(walls):.3f} max {max(walls):.3f}), guest median "

@@ -58,6 +58,7 @@ class _Call:
         self.buffer = buffer  # streaming methods only
         self.remote_closed = remote_closed
         self.task: asyncio.Task | None = None
+        self.started = False  # a task cancelled before its first step never runs its body
         self.fail_status: status_pb2.Status | None = None  # set when the read loop fails it
 
 
@@ -200,8 +201,9 @@ class ServerConnection:
         if call.buffer is not None:
             call.buffer.fail(ResourceExhausted(status.message) if status.code == Code.RESOURCE_EXHAUSTED
                              else InvalidArgument(status.message))
-        if call.task is not None:
+        if call.task is not None and call.started:
             call.task.cancel()
+        # not started yet: _run_call sees fail_status first thing
 
     def _respond_soon(self, sid: int, status: status_pb2.Status) -> None:
         if self._closing:
@@ -224,7 +226,11 @@ class ServerConnection:
 
     async def _run_call(self, sid: int, call: _Call) -> None:
         method, ctx = call.method, call.ctx
+        call.started = True
         try:
+            if call.fail_status is not None:
+                await self._send_response(sid, call.fail_status)
+                return
             try:
                 async with asyncio.timeout_at(ctx.deadline):
                     if method.streaming:
@@ -234,10 +240,14 @@ class ServerConnection:
                         request = method.parse_request(call.payload)
                         result = await method.handler(request, ctx)
             except asyncio.CancelledError:
-                if call.fail_status is None or self._closing:
+                task = asyncio.current_task()
+                if self._closing or (call.fail_status is None and task.cancelling()):
                     raise  # connection closing or server shutting down
-                asyncio.current_task().uncancel()
-                await self._send_response(sid, call.fail_status)
+                if task.cancelling():
+                    task.uncancel()  # we cancelled it to fail the stream: answer instead
+                # else the handler let a CancelledError of its own escape: still answer
+                await self._send_response(
+                    sid, call.fail_status or _status(Code.CANCELLED, "handler was cancelled"))
                 return
             except TimeoutError:
                 if ctx.deadline is not None and asyncio.get_running_loop().time() >= ctx.deadline:

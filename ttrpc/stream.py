@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from google.protobuf import message as _message
-from google.rpc import status_pb2
 
 from .frame import Flags, MessageType
 from .request_pb2 import Response
@@ -276,7 +275,3 @@ class ClientStream(Generic[M]):
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
-
-
-def ok_status() -> status_pb2.Status:
-    return status_pb2.Status(code=Code.OK)

@@ -52,7 +52,8 @@ class Process:
     outputs: dict[int, OutputBuffer] = field(default_factory=dict)
     stdin: InputSink | None = None
     pty_fd: int | None = None          # a dup of the pty master, for resizes
-    reported: asyncio.Event = field(default_factory=asyncio.Event)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)     # reaped
+    reported: asyncio.Event = field(default_factory=asyncio.Event)   # exit event published
     tasks: list[asyncio.Task] = field(default_factory=list)
     process_json: Path | None = None   # execs: the OCI Process file
 
@@ -324,6 +325,7 @@ class Agent:
         ex: Exit = await exited
         p.exit = ex
         p.state.apply("exited")
+        p.exited.set()
         debug(f"{p.name}: pid {ex.pid} exited with {ex.status}")
         if not p.exec_id:
             # The init's exit comes after the exits of its execs (the kernel kills them with
@@ -381,9 +383,9 @@ class Agent:
                 # Never started: runc delete --force kills the waiting init.
                 await self.runc.delete(id, force=True)
                 try:
-                    await asyncio.wait_for(p.reported.wait(), self.drain_idle_timeout + 5)
+                    await asyncio.wait_for(p.exited.wait(), 10)
                 except asyncio.TimeoutError:
-                    pass
+                    log(f"delete {id}: the never-started init did not exit after runc delete --force")
             else:
                 await self.runc.delete(id, force=True)
             p.state.apply("deleted")
@@ -521,7 +523,7 @@ class Agent:
             except Exception as e:
                 debug(f"shutdown kill {id}: {e}")
             try:
-                await asyncio.wait_for(c.init.reported.wait(), 3)
+                await asyncio.wait_for(c.init.exited.wait(), 3)
             except asyncio.TimeoutError:
                 pass
             try:

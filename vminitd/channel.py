@@ -24,8 +24,15 @@ PORT_NAME = "spinbox.agent"
 RECONNECT_POLL = 0.1
 
 
-def vsock_available() -> bool:
-    return hasattr(socket, "AF_VSOCK") and (os.path.exists("/dev/vsock") or os.path.exists("/dev/vhost-vsock"))
+def vsock_available(drivers: str = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport") -> bool:
+    """A virtio-vsock device is bound (/dev/vsock exists whenever the module is there, even
+    without any device, so it says nothing)."""
+    if not hasattr(socket, "AF_VSOCK"):
+        return False
+    try:
+        return any(e.startswith("virtio") for e in os.listdir(drivers))
+    except OSError:
+        return False
 
 
 def find_virtio_port(name: str = PORT_NAME, sys_root: str = "/sys/class/virtio-ports",
@@ -55,7 +62,11 @@ def choose_transport(params: dict[str, str]) -> tuple[str, str]:
         log(f"unknown spinbox.transport={kind!r}; using auto")
         kind = "auto"
     if kind == "auto":
-        kind = "vsock" if vsock_available() else "virtio-serial"
+        # The host attached one of the two: the named port if it is there, else vsock.
+        if find_virtio_port(PORT_NAME) is not None:
+            kind = "virtio-serial"
+        else:
+            kind = "vsock" if vsock_available() else "virtio-serial"
     return (kind, port) if kind == "vsock" else (kind, PORT_NAME)
 
 

@@ -48,15 +48,14 @@ def kvm_status(dev_root: str | Path = "/dev", sys_root: str | Path = "/sys",
     except OSError as e:
         return False, f"{dev} cannot be opened: {os.strerror(e.errno or 0)}"
     try:
-        if stat.S_ISCHR(os.fstat(fd).st_mode):
-            try:
-                version = api_version(fd)
-            except OSError as e:
-                return False, f"{dev}: KVM_GET_API_VERSION failed: {os.strerror(e.errno or 0)}"
-            if version != KVM_API_VERSION:
-                return False, f"{dev}: KVM API version {version}, expected {KVM_API_VERSION}"
-        elif api_version is _kvm_api_version:
+        if not stat.S_ISCHR(os.fstat(fd).st_mode) and api_version is _kvm_api_version:
             return False, f"{dev} is not a character device"
+        try:
+            version = api_version(fd)
+        except OSError as e:
+            return False, f"{dev}: KVM_GET_API_VERSION failed: {os.strerror(e.errno or 0)}"
+        if version != KVM_API_VERSION:
+            return False, f"{dev}: KVM API version {version}, expected {KVM_API_VERSION}"
     finally:
         os.close(fd)
     if (Path(sys_root) / "module" / "kvm_pvm").exists():

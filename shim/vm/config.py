@@ -47,6 +47,10 @@ class VMTimeouts:
     shutdown_grace_s: float = 2.0  # graceful stop (agent / ACPI powerdown) before QMP quit
     quit_s: float = 2.0           # QMP quit → process exit, before SIGKILL
     kill_s: float = 5.0           # SIGKILL → reaped (it cannot be ignored; bounded anyway)
+    # no console output at all by then = an early-boot hang (microvm under TCG hangs in ~5-30 %
+    # of boots with nothing printed, environment.md §1): kill and boot again, up to boot_attempts
+    first_output_s: float | None = None
+    boot_attempts: int = 1
 
 
 @dataclass
@@ -173,8 +177,12 @@ class VMConfig:
                 re.compile(self.ready_marker)
             except re.error as e:
                 raise err("ready_marker", f"not a valid regular expression: {e}") from None
+        if not isinstance(self.timeouts.boot_attempts, int) or not 1 <= self.timeouts.boot_attempts <= 10:
+            raise err("timeouts.boot_attempts", f"must be an integer 1..10 (got {self.timeouts.boot_attempts!r})")
         for f in dataclasses.fields(self.timeouts):
             v = getattr(self.timeouts, f.name)
+            if f.name == "boot_attempts" or (f.name == "first_output_s" and v is None):
+                continue
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise err(f"timeouts.{f.name}", f"must be a number > 0 (got {v!r})")
         return self
@@ -242,7 +250,7 @@ def _coerce(key: str, name: str, value: Any) -> Any:
                 raise VMConfigError(f"{key}.{k}", "unknown key")
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise VMConfigError(f"{key}.{k}", f"must be a number of seconds (got {v!r})")
-        return VMTimeouts(**{k: float(v) for k, v in value.items()})
+        return VMTimeouts(**{k: (v if k == "boot_attempts" else float(v)) for k, v in value.items()})
     if not isinstance(value, str):
         raise VMConfigError(key, f"must be a string (got {value!r})")
     return value

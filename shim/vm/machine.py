@@ -69,6 +69,10 @@ class VMStateError(VMError):
     pass
 
 
+class _EarlyHang(Exception):
+    """Internal: an attempt printed nothing in time (retried if attempts remain)."""
+
+
 class VMBootError(VMError):
     """The guest did not become ready. Carries what is known about why."""
 
@@ -144,6 +148,7 @@ class VM:
         self._helpers: dict[str, dict[str, Any]] = {}   # persisted helper processes (virtiofsd)
         self._created_state_dir = False
         self._last_probe_error: BaseException | None = None
+        self._retrying = False
         self.fd_lock = asyncio.Lock()   # SCM_RIGHTS + getfd must not interleave with another fd
         self.used_ports: set[str] = set()  # pcie-root-ports taken by hot-plugged devices
 
@@ -219,8 +224,18 @@ class VM:
         self._set_state(VMState.BOOTING)
         try:
             self._prepare()
-            await self._exec()
-            await self._boot(probe)
+            attempts = self.config.timeouts.boot_attempts
+            for attempt in range(1, attempts + 1):
+                await self._exec()
+                try:
+                    await self._boot(probe)
+                    break
+                except _EarlyHang as hang:
+                    if attempt == attempts:
+                        raise TimeoutError(f"{hang} (attempt {attempt} of {attempts})") from None
+                    log.warning("vm %s: %s; booting again (attempt %d of %d)", self.name, hang, attempt + 1,
+                                attempts)
+                    await self._reset_for_retry()
         except BaseException as exc:
             await self._fail_boot(exc)
             raise
@@ -263,6 +278,29 @@ class VM:
         self._persist()
         self._exit_task = asyncio.create_task(self._watch_process(), name=f"vm-{self.name}-wait")
 
+    async def _reset_for_retry(self) -> None:
+        """Throw away a hung attempt (QEMU, QMP, watchers) but keep the CID and state dir."""
+        self._retrying = True
+        self._kill_group()
+        await self._reap()
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await self._qmp.disconnect()
+            self._qmp = None
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        self.exit = None
+        self.exited = asyncio.Event()
+        self.died = asyncio.Event()
+        self.qmp_lost = asyncio.Event()
+        self._stopping = False
+        self._retrying = False
+        for p in (self.paths.qmp_socket, self.paths.agent_socket, self.paths.pidfile):
+            p.unlink(missing_ok=True)
+
     def _persist(self) -> None:
         """vm.json: enough for kill_from_state() after a shim crash."""
         if self._proc is None:
@@ -303,6 +341,8 @@ class VM:
         else:
             log.info("vm %s: QEMU exited (%s)", self.name, ex.reason)
         self.exited.set()
+        if self._retrying:
+            return ex  # a hung boot attempt we killed: not the VM's exit
         for cb in self._exit_callbacks:
             try:
                 cb(ex)
@@ -369,11 +409,24 @@ class VM:
         deadline = self._t0 + t.boot_s
         ready = asyncio.ensure_future(self._wait_ready(probe, deadline))
         assert self._exit_task is not None
+        early = self._t0 + t.first_output_s if t.first_output_s else None
         try:
-            done, _ = await asyncio.wait({ready, self._exit_task}, timeout=max(0.0, deadline - time.monotonic()),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                until = min(deadline, early) if early else deadline
+                done, _ = await asyncio.wait({ready, self._exit_task}, timeout=max(0.0, until - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if done or time.monotonic() >= deadline:
+                    break
+                if early and time.monotonic() >= early:
+                    assert self.console is not None
+                    self.console.poll()
+                    if self.console.line_count == 0 and not self.console.tail(1):
+                        raise _EarlyHang(f"no console output within {t.first_output_s} s")
+                    early = None
         except BaseException:
             ready.cancel()
+            with contextlib.suppress(BaseException):
+                await ready
             raise
         if ready in done:
             ready.result()  # raises what the readiness wait raised

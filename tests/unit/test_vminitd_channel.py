@@ -19,11 +19,15 @@ def test_find_virtio_port_by_sysfs_name(tmp_path):
 
 def test_choose_transport(monkeypatch):
     monkeypatch.setattr(channel, "vsock_available", lambda: False)
+    monkeypatch.setattr(channel, "find_virtio_port", lambda name=None: None)
     assert channel.choose_transport({}) == ("virtio-serial", "spinbox.agent")
     assert channel.choose_transport({"spinbox.transport": "vsock", "spinbox.vsock_port": "2000"}) == ("vsock", "2000")
     assert channel.choose_transport({"spinbox.transport": "bogus"}) == ("virtio-serial", "spinbox.agent")
     monkeypatch.setattr(channel, "vsock_available", lambda: True)
     assert channel.choose_transport({"spinbox.transport": "auto"}) == ("vsock", "1024")
+    # Both present: the port the host attached wins over a vsock module without a peer.
+    monkeypatch.setattr(channel, "find_virtio_port", lambda name=None: "/dev/vport0p1")
+    assert channel.choose_transport({}) == ("virtio-serial", "spinbox.agent")
 
 
 def test_online_cpus_and_memory_on_fake_sysfs(tmp_path):
