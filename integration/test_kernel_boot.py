@@ -173,7 +173,16 @@ async def test_q35_mounts_every_rootfs_share(kernel, initramfs, tmp_path):
             await guest.wait_line(bc.DONE_MARKER, 120)
             mounts = dict(m.split(maxsplit=1) for m in guest.facts("MOUNT"))
     finally:
-        virtiofsd.kill()
-        virtiofsd.wait()
+        # virtiofsd exits by itself once QEMU has gone; a SIGKILL would orphan the child it
+        # forks into its sandbox
+        try:
+            virtiofsd.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            virtiofsd.terminate()
+            try:
+                virtiofsd.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                virtiofsd.kill()
+                virtiofsd.wait()
     assert mounts == {"erofs": "from-host", "ext4": "from-host", "virtiofs": "from-host",
                       "9p": "from-host", "overlay": "changed"}, guest.console()

@@ -222,7 +222,10 @@ async def test_boot_to_ready_with_probe_timeline_and_channel(guest_files, state_
 
 
 async def test_marker_readiness_without_probe(guest_files, state_dir):
-    async with VM(_config(guest_files, machine="microvm"), state_dir, name="t-micro") as vm:
+    # microvm hangs early in a fraction of TCG boots with no output at all: the VM layer retries
+    cfg = _config(guest_files, machine="microvm",
+                  timeouts=VMTimeouts(boot_s=60, first_output_s=8, boot_attempts=5))
+    async with VM(cfg, state_dir, name="t-micro") as vm:
         assert "ready_marker" in vm.timeline
         assert vm.console is not None and vm.console.find(r"^TEST-READY port=/dev/vport") is not None
 
@@ -301,9 +304,8 @@ async def test_vcpu_hotplug_and_virtio_mem_seen_by_guest(guest_files, state_dir)
         requested = await mem.resize(256)
         assert requested == 256 * MiB
         assert await mem.wait_plugged(60) == 256 * MiB
-        line = await con.wait_for(r"^STATE nproc=2 memtotal_kb=", 60, after=mark)
-        grown_kb = int(line.text.split("memtotal_kb=")[1])
-        assert grown_kb - base_kb == 256 * 1024, (base_kb, grown_kb)
+        # the guest onlines the new memory block by block: MemTotal reaches +256 MiB exactly
+        await con.wait_for(rf"^STATE nproc=2 memtotal_kb={base_kb + 256 * 1024}$", 60, after=mark)
     finally:
         await vm.stop()
 

@@ -3,13 +3,13 @@
 # everything built in, PVH-bootable vmlinux (QEMU -kernel takes the ELF directly, no bzImage).
 #
 # Cached by content hash = sha256(fragment + linux-source package version + this script):
-#   ${SPINBOX_CACHE:-/var/cache/spinbox}/kernel/<hash>/{vmlinux,config,kernel.json}
+#   ${SPINBOX_CACHE_DIR:-/var/cache/spinbox}/kernel/<hash>/{vmlinux,config,kernel.json}
 # and installed into ${SPINBOX_SHARE_DIR:-/usr/share/spinbox}/{vmlinux,vmlinux.config,kernel.json}.
 # A cache hit only copies (well under a second).
 #
 # Usage: kernel/build.sh [--config-only]
 #   --config-only   generate and verify the .config, do not compile (for iterating on the fragment)
-# Env:   SPINBOX_CACHE, SPINBOX_SHARE_DIR, SPINBOX_KERNEL_JOBS (default: nproc),
+# Env:   SPINBOX_CACHE_DIR, SPINBOX_SHARE_DIR, SPINBOX_KERNEL_JOBS (default: nproc),
 #        SPINBOX_KERNEL_SOURCE_PKG (default linux-source-6.1), SPINBOX_KERNEL_SOURCE_TAR
 set -euo pipefail
 
@@ -19,7 +19,7 @@ fragment=$here/spinbox.config
 self=$here/build.sh
 src_pkg=${SPINBOX_KERNEL_SOURCE_PKG:-linux-source-6.1}
 src_tar=${SPINBOX_KERNEL_SOURCE_TAR:-/usr/src/$src_pkg.tar.xz}
-cache_root=${SPINBOX_CACHE:-/var/cache/spinbox}/kernel
+cache_root=${SPINBOX_CACHE_DIR:-/var/cache/spinbox}/kernel
 share_dir=${SPINBOX_SHARE_DIR:-/usr/share/spinbox}
 jobs=${SPINBOX_KERNEL_JOBS:-$(nproc)}
 config_only=0

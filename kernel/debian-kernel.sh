@@ -10,13 +10,13 @@
 #   kernel.json      release, package version, module list
 # The guest image (initrd/) must insmod modules.load in order before it touches any device:
 # this kernel has every virtio driver as a module, and no 9p at all.
-# Cached in ${SPINBOX_CACHE:-/var/cache/spinbox}/kernel/debian/<package version>/.
+# Cached in ${SPINBOX_CACHE_DIR:-/var/cache/spinbox}/kernel/debian/<package version>/.
 set -euo pipefail
 
 t_start=$(date +%s.%N)
 meta_pkg=${SPINBOX_DEBIAN_KERNEL_PKG:-linux-image-cloud-amd64}
 share_dir=${SPINBOX_SHARE_DIR:-/usr/share/spinbox}/debian
-cache_root=${SPINBOX_CACHE:-/var/cache/spinbox}/kernel/debian
+cache_root=${SPINBOX_CACHE_DIR:-/var/cache/spinbox}/kernel/debian
 # What the guest needs; dependencies are added from modules.dep.
 wanted=(virtio_pci virtio_mmio virtio_blk virtio_console virtio_net virtio_mem virtio_balloon
         virtio_rng vmw_vsock_virtio_transport erofs fuse virtiofs overlay)

@@ -623,9 +623,10 @@ def kill_from_state(state_dir: str | os.PathLike[str], *, timeout: float = 5.0,
         return done
     except (OSError, ValueError) as e:
         raise VMError(f"unreadable VM state {state_file}: {e}") from None
-    procs = [("qemu", st.get("pid"), st.get("start_time"), st.get("tag"))]
-    procs += [(f"helper {k}", h.get("pid"), h.get("start_time"), h.get("tag"))
-              for k, h in (st.get("helpers") or {}).items()]
+    # helpers first: once QEMU is gone a virtiofsd exits by itself and the report would race
+    procs = [(f"helper {k}", h.get("pid"), h.get("start_time"), h.get("tag"))
+             for k, h in (st.get("helpers") or {}).items()]
+    procs.append(("qemu", st.get("pid"), st.get("start_time"), st.get("tag")))
     for what, pid, start, tag in procs:
         if isinstance(pid, int) and isinstance(start, int):
             if procinfo.kill_verified(pid, start, tag, timeout=timeout):

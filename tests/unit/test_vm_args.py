@@ -101,7 +101,7 @@ def test_unresolved_choices_are_refused(files):
 
 def test_microvm_uses_mmio_devices(files):
     argv = build_argv(cfg(files, machine="microvm"), PATHS, TCG_SERIAL)
-    assert opt(argv, "-machine") == ["microvm,memory-backend=ram0"]
+    assert opt(argv, "-machine") == ["microvm,acpi=off,memory-backend=ram0"]
     devs = opt(argv, "-device")
     assert "virtio-serial-device,id=vser0" in devs
     assert "virtio-rng-device,rng=rng0" in devs
@@ -111,13 +111,19 @@ def test_microvm_uses_mmio_devices(files):
 
 
 def test_hotplug_sizing(files):
-    argv = build_argv(cfg(files, vcpus=2, max_vcpus=8, memory_mb=512, max_memory_mb=2048), PATHS, TCG_SERIAL)
+    argv = build_argv(cfg(files, vcpus=2, max_vcpus=8, memory_mb=512, max_memory_mb=1536), PATHS, TCG_SERIAL)
     assert opt(argv, "-smp") == ["2,maxcpus=8"]
-    assert opt(argv, "-m") == ["512M,slots=4,maxmem=2048M"]
+    assert opt(argv, "-m") == ["512M,slots=4,maxmem=1536M"]
     objs = opt(argv, "-object")
-    assert "memory-backend-memfd,id=vmem0-mem,size=1536M,share=on" in objs
+    assert "memory-backend-memfd,id=vmem0-mem,size=1024M,share=on" in objs
     assert "virtio-mem-pci,id=vmem0,memdev=vmem0-mem,requested-size=0" in opt(argv, "-device")
     assert "memhp_default_state=online_movable" in opt(argv, "-append")[0].split()
+
+
+def test_large_maxmem_uses_auto_movable(files):
+    argv = build_argv(cfg(files, memory_mb=256, max_memory_mb=2048), PATHS, TCG_SERIAL)
+    words = opt(argv, "-append")[0].split()
+    assert "memhp_default_state=online" in words and "memory_hotplug.online_policy=auto-movable" in words
 
 
 def test_pc_dimm_hotplug_has_no_virtio_mem(files):
