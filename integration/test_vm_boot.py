@@ -216,6 +216,7 @@ async def test_boot_to_ready_with_probe_timeline_and_channel(guest_files, state_
         await vm.stop()
     assert vm.state is VMState.STOPPED
     assert vm.exit is not None and vm.exit.expected and not vm.died.is_set()
+    assert vm.exit.returncode == 0  # QMP quit ended it, not the SIGKILL fallback
     assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     await vm.stop()  # idempotent
     assert vm.state is VMState.STOPPED
@@ -363,3 +364,17 @@ async def test_tap_nic_and_disk_hotplug_and_detach(guest_files, state_dir, tmp_p
         await vm.stop()
         os.close(tap_fd)
     assert not Path("/sys/class/net", tap_name).exists()
+
+
+async def test_cancelled_start_leaves_nothing(guest_files, state_dir):
+    vm = VM(_config(guest_files, cmdline_extra=["rdinit=/init", "spinbox.test=sleep"]), state_dir, name="t-cancel")
+    task = asyncio.create_task(vm.start())
+    while "qmp_ready" not in vm.timeline:
+        await asyncio.sleep(0.01)
+    pid = vm.pid
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert vm.state is VMState.FAILED and not vm.alive
+    assert vm.exit is not None and vm.exit.returncode == -signal.SIGKILL
+    assert not Path(f"/proc/{pid}/cmdline").exists() or not Path(f"/proc/{pid}/cmdline").read_bytes()
