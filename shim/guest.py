@@ -1,0 +1,136 @@
+"""Boot one guest (QEMU + vminitd) for a sandbox and hand back its agent client.
+
+    guest = await boot_guest(state_dir, config=None, share_dir=None, name="sandbox-id")
+    guest.agent        # AgentClient, connected and answering pings
+    guest.vm           # spinbox.shim.vm.VM (QMP, devices, pid, died/exited events)
+    guest.timeline     # {"qemu_exec": 0.0, "qmp_ready": ..., "first_console": ..., "probe_ok": ...,
+                       #  "ready": ..., plus guest-side marks from the console} seconds since exec
+    await guest.stop() # agent Shutdown (bounded) → QEMU quit/kill; every process/file removed
+
+The VM layer knows nothing about the agent API: the readiness probe we give it is
+`AgentClient.wait_ready` on the VM's channel (virtio-serial chardev socket or vsock CID).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .agent import AgentClient, AgentError
+from .vm import VM, VMConfig
+
+log = logging.getLogger("spinbox.guest")
+
+# console lines printed by the guest image (initrd/README.md) → timeline keys
+_GUEST_MARKS = (
+    ("guest_init", re.compile(r"spinbox-init: stage1\b.*?t=([0-9.]+)")),
+    ("guest_switch_root", re.compile(r"spinbox-init: switch_root\b.*?t=([0-9.]+)")),
+    ("guest_vminitd_exec", re.compile(r"spinbox-init: exec vminitd\b.*?t=([0-9.]+)")),
+    ("guest_vminitd_started", re.compile(r"spinbox-init: vminitd started\b.*?t=([0-9.]+)")),
+    ("guest_agent_ready", re.compile(r"vminitd: ready in ([0-9.]+)s")),
+)
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Guest:
+    vm: VM
+    agent: AgentClient
+    timeline: dict[str, float] = field(default_factory=dict)
+    _stopped: bool = False
+
+    @property
+    def boot_seconds(self) -> float:
+        return self.timeline.get("ready", float("nan"))
+
+    async def stop(self, *, shutdown_timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Agent Shutdown (bounded), then the VM layer's stop (QMP quit → SIGKILL → cleanup).
+        Idempotent; never raises for a guest that is already gone."""
+        if self._stopped:
+            await self.vm.stop()
+            return
+        self._stopped = True
+
+        async def graceful() -> None:
+            if not self.vm.alive or not self.agent.connected:
+                return
+            with contextlib.suppress(AgentError, Exception):
+                await self.agent.shutdown(timeout=shutdown_timeout)
+            # the guest powers off by itself now; the VM layer waits (bounded) for QEMU's exit
+        try:
+            await self.vm.stop(graceful=graceful)
+        finally:
+            await self.agent.close()
+
+    async def __aenter__(self) -> Guest:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def guest_marks(console_lines: list[str]) -> dict[str, float]:
+    """Guest-side uptime marks (seconds since the guest kernel started) from console lines."""
+    marks: dict[str, float] = {}
+    for line in console_lines:
+        for key, rx in _GUEST_MARKS:
+            if key not in marks:
+                m = rx.search(line)
+                if m:
+                    with contextlib.suppress(ValueError):
+                        marks[key] = float(m.group(1))
+    return marks
+
+
+def agent_address(vm: VM) -> Path | tuple[int, int]:
+    """Where the guest agent answers: the VM's chardev socket, or (cid, port) on vsock."""
+    if vm.transport is not None and vm.transport.value == "vsock":
+        assert vm.cid is not None
+        return (vm.cid, vm.config.vsock_port)
+    return vm.paths.agent_socket
+
+
+def default_config(share_dir: str | os.PathLike[str] | None = None, **overrides) -> VMConfig:
+    return VMConfig.from_share_dir(share_dir, **overrides)
+
+
+async def boot_guest(state_dir: str | os.PathLike[str], config: VMConfig | None = None, *,
+                     share_dir: str | os.PathLike[str] | None = None, name: str = "spinbox") -> Guest:
+    """Start the VM and wait until vminitd answers a ping. On failure nothing is left running
+    (the VM layer cleans up; the agent client is closed) and the VM layer's error propagates."""
+    if config is None:
+        config = default_config(share_dir)
+    vm = VM(config, state_dir, name=name)
+    holder: list[AgentClient] = []
+
+    async def probe() -> None:
+        # One wait_ready per probe round; the VM layer bounds it by its boot deadline.
+        if holder and holder[0].connected:
+            await holder[0].ping(timeout=1.0)
+            return
+        for old in holder:
+            await old.close()
+        holder.clear()
+        deadline = time.monotonic() + min(config.timeouts.boot_s, 30.0)
+        holder.append(await AgentClient.wait_ready(agent_address(vm), deadline))
+
+    try:
+        timeline = await vm.start(probe=probe)
+    except BaseException:
+        for a in holder:
+            with contextlib.suppress(Exception):
+                await a.close()
+        raise
+    agent = holder[0]
+    if vm.console is not None:
+        vm.console.poll()
+        for key, t in guest_marks([ln.text for ln in vm.console.lines()]).items():
+            timeline.setdefault(key, t)
+    guest = Guest(vm, agent, timeline)
+    log.info("guest %s ready in %.2f s", name, guest.boot_seconds)
+    return guest

@@ -1,0 +1,131 @@
+"""Shim manager logic: argv as containerd passes it, group selection, socket naming, stdin
+classification (BootstrapParams vs options Any vs empty), outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf import any_pb2
+
+from spinbox.api._pb.containerd.runtime.bootstrap.v1 import bootstrap_pb2
+from spinbox.api._pb.containerd.task.v2 import shim_pb2
+from spinbox.api._pb.containerd.types import introspection_pb2
+from spinbox.api._pb.runtimeoptions.v1 import api_pb2
+from spinbox.shim import manager as m
+
+
+def test_start_argv_of_containerd_16_verbatim():
+    # environment.md Part 1 §4
+    a = m.parse_args(["-namespace", "test", "-address", "/w/containerd.sock", "-publish-binary",
+                      "/usr/bin/containerd", "-id", "p1", "-debug", "start"])
+    assert (a.namespace, a.address, a.publish_binary, a.id, a.debug, a.action) == \
+        ("test", "/w/containerd.sock", "/usr/bin/containerd", "p1", True, "start")
+
+
+def test_delete_argv_and_go_flag_syntax():
+    a = m.parse_args(["--namespace=k8s.io", "-address", "/a.sock", "-publish-binary", "/c",
+                      "-id", "x", "-bundle", "/run/b/x", "-debug=false", "delete"])
+    assert (a.namespace, a.bundle, a.debug, a.action) == ("k8s.io", "/run/b/x", False, "delete")
+    assert m.parse_args(["-v"]).version and m.parse_args(["-version"]).version
+    assert m.parse_args(["-info"]).info and m.parse_args(["-info"]).action == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-bogus", "start"], "flag provided but not defined: -bogus"),
+    (["-id"], "flag needs an argument: -id"),
+    (["-debug=maybe", "start"], "invalid boolean value"),
+])
+def test_bad_argv(argv, message):
+    with pytest.raises(m.ShimError, match=message):
+        m.parse_args(argv)
+
+
+def test_identifiers_are_checked():
+    with pytest.raises(m.ShimError, match="-namespace is required"):
+        m.check_identifiers(m.ShimArgs(id="x"))
+    with pytest.raises(m.ShimError, match="invalid -id"):
+        m.check_identifiers(m.ShimArgs(namespace="n", id="../etc"))
+
+
+def test_group_selection(tmp_path):
+    assert m.group_id("t1", {}) == "t1"
+    assert m.group_id("c1", {"io.kubernetes.cri.sandbox-id": "sb1"}) == "sb1"
+    ours = {"io.containerd.spinbox.v1.group": "g1", "io.kubernetes.cri.sandbox-id": "sb1"}
+    assert m.group_id("c1", ours) == "g1"
+    assert m.group_id("c1", {"spinbox.io/sandbox": "g2", "io.kubernetes.cri.sandbox-id": "sb1"}) == "g2"
+    with pytest.raises(m.ShimError, match="not a valid sandbox id"):
+        m.group_id("c1", {"io.kubernetes.cri.sandbox-id": "../../x"})
+    (tmp_path / "config.json").write_text(json.dumps({"annotations": {
+        "io.kubernetes.cri.sandbox-id": "pod1", "n": 3}}))
+    assert m.read_annotations(tmp_path) == {"io.kubernetes.cri.sandbox-id": "pod1"}
+    assert m.read_annotations(tmp_path / "nothing") == {}
+
+
+def test_socket_address():
+    a = m.socket_address("/run/containerd/containerd.sock", "k8s.io", "x" * 76)
+    assert a.startswith("unix:///run/containerd/s/")
+    path = a[len("unix://"):]
+    assert len(path.encode()) <= 106
+    # deterministic per (containerd, namespace, group), different otherwise
+    assert a == m.socket_address("/run/containerd/containerd.sock", "k8s.io", "x" * 76)
+    assert a != m.socket_address("/tmp/other.sock", "k8s.io", "x" * 76)
+    assert a != m.socket_address("/run/containerd/containerd.sock", "default", "x" * 76)
+    with pytest.raises(m.ShimError, match="socket path too long"):
+        m.socket_address("/a", "n", "g", socket_dir="/" + "d" * 60)
+
+
+def _options_any(path="/etc/spinbox/x.toml") -> any_pb2.Any:
+    return any_pb2.Any(type_url="runtimeoptions.v1.Options",
+                       value=api_pb2.Options(config_path=path).SerializeToString())
+
+
+def test_stdin_empty():
+    assert m.classify_stdin(b"", "t1", "ns").kind == "empty"
+
+
+def test_stdin_legacy_options_any():
+    raw = _options_any().SerializeToString()
+    inp = m.classify_stdin(raw, "t1", "ns")
+    assert inp.kind == "options" and inp.options.type_url == "runtimeoptions.v1.Options"
+
+
+def test_stdin_options_any_that_parses_as_bootstrap_params_is_not_bootstrap():
+    # type_url lands in BootstrapParams.instance_id; value (valid UTF-8 here) in namespace
+    a = any_pb2.Any(type_url="t1", value=b"ns")
+    raw = a.SerializeToString()
+    parsed = bootstrap_pb2.BootstrapParams()
+    parsed.ParseFromString(raw)
+    assert parsed.instance_id == "t1"             # the accidental parse really happens...
+    inp = m.classify_stdin(raw, "other-task", "ns")
+    assert inp.kind == "options"                  # ...but the ids do not match: options
+
+
+def test_stdin_bootstrap_params():
+    p = bootstrap_pb2.BootstrapParams(instance_id="t1", namespace="ns", containerd_version="2.3.0",
+                                      containerd_ttrpc_address="unix:///run/c.sock.ttrpc",
+                                      extensions=[bootstrap_pb2.Extension(value=_options_any())])
+    raw = p.SerializeToString() + b"\x4a\x08/run/s9x"   # field 9 socket_dir (newer than our proto)
+    inp = m.classify_stdin(raw, "t1", "ns")
+    assert inp.kind == "bootstrap"
+    assert inp.options.type_url == "runtimeoptions.v1.Options"
+    assert inp.socket_dir == "/run/s9x"
+    assert inp.params.containerd_ttrpc_address == "unix:///run/c.sock.ttrpc"
+
+
+def test_stdin_garbage_is_an_error():
+    with pytest.raises(m.ShimError, match="neither BootstrapParams"):
+        m.classify_stdin(b"\xff\xff\xff", "t1", "ns")
+
+
+def test_outputs():
+    r = bootstrap_pb2.BootstrapResult()
+    r.ParseFromString(m.bootstrap_result("unix:///run/containerd/s/ab"))
+    assert (r.version, r.address, r.protocol) == (2, "unix:///run/containerd/s/ab", "ttrpc")
+    d = shim_pb2.DeleteResponse()
+    d.ParseFromString(m.delete_response(m.DeleteOutcome(pid=7, exit_status=137)))
+    assert (d.pid, d.exit_status) == (7, 137) and d.exited_at.seconds > 0
+    info = introspection_pb2.RuntimeInfo()
+    info.ParseFromString(m.runtime_info(_options_any().SerializeToString()))
+    assert info.name == "io.containerd.spinbox.v1" and info.version.version == m.VERSION
+    assert info.options.type_url == "runtimeoptions.v1.Options"
+    assert "Version:  " + m.VERSION in m.version_text()

@@ -1,0 +1,200 @@
+"""Crash-safe state: atomic records, release of real resources (files, sockets, dirs, a child
+process), verified kills, idempotent cleanup, the group lock."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from spinbox.shim.state import GroupLock, GroupPaths, State, StateError, cleanup_all, release
+from spinbox.shim.vm import procinfo
+
+
+@pytest.fixture
+def paths(tmp_path):
+    return GroupPaths(tmp_path / "st", "ns1", "grp1")
+
+
+@pytest.fixture
+def child():
+    """A real child process (a sleeper whose argv carries a tag)."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "spinbox-test-tag"])
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_paths_layout(paths):
+    assert paths.state_file == paths.state_dir / "ns1" / "grp1" / "state.json"
+    assert paths.lock_file == paths.state_dir / "ns1" / "grp1.lock"
+    # the VM dir is short whatever the ids: 16 hex chars under <state>/vm
+    long = GroupPaths(paths.state_dir, "n" * 76, "g" * 76)
+    assert long.vm_dir.parent == paths.state_dir / "vm" and len(long.vm_dir.name) == 16
+
+
+def test_record_is_persisted_before_the_body_runs(paths):
+    st = State.open(paths)
+    target = paths.state_dir / "made.txt"
+    with st.recording("file", str(target), path=str(target)):
+        on_disk = json.loads(paths.state_file.read_text())
+        assert [r["key"] for r in on_disk["resources"]] == [str(target)]
+        target.write_text("x")
+    again = State.load(paths)
+    assert again.find("file", str(target)).data["path"] == str(target)
+    # no temp files left behind by the atomic writes
+    assert sorted(p.name for p in paths.dir.iterdir()) == ["state.json"]
+
+
+def test_failed_create_is_released_and_forgotten(paths):
+    st = State.open(paths)
+    target = paths.state_dir / "half.txt"
+    with pytest.raises(RuntimeError):
+        with st.recording("file", str(target), path=str(target)):
+            target.write_text("half")
+            raise RuntimeError("create failed")
+    assert not target.exists()
+    assert State.load(paths).find("file", str(target)) is None
+
+
+def test_cleanup_all_releases_real_resources(paths, child, tmp_path):
+    st = State.open(paths)
+    f = tmp_path / "file"
+    f.write_text("x")
+    d = tmp_path / "tree"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "f").write_text("x")
+    sock_path = str(tmp_path / "s.sock")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(sock_path)
+    s.close()
+    sst = os.stat(sock_path)
+    st.record("file", str(f), path=str(f))
+    st.record("dir", str(d), path=str(d))
+    st.record("socket", sock_path, path=sock_path, ino=sst.st_ino, dev=sst.st_dev)
+    with st.recording("process", "sleeper", tag="spinbox-test-tag") as rec:
+        rec.update(pid=child.pid, start_time=procinfo.start_time(child.pid))
+    # a "crash": a fresh process would only have the file
+    loaded = State.load(paths)
+    report = cleanup_all(loaded)
+    assert report.ok, report.failed
+    assert not f.exists() and not d.exists() and not os.path.exists(sock_path)
+    assert child.wait(timeout=10) == -9
+    assert report.done[0].startswith("killed sleeper")       # newest first
+    assert State.load(paths).doc["resources"] == []
+    # idempotent: a second run finds nothing to do and fails on nothing
+    assert cleanup_all(State.load(paths)).ok
+
+
+def test_kill_is_verified_by_start_time_and_tag(paths, child):
+    st = State.open(paths)
+    start = procinfo.start_time(child.pid)
+    st.record("process", "wrong-start", pid=child.pid, start_time=start + 1)
+    st.record("process", "wrong-tag", pid=child.pid, start_time=start, tag="not-in-argv")
+    report = cleanup_all(st)
+    assert report.ok
+    assert all("already gone" in line for line in report.done)
+    assert child.poll() is None            # never killed: not provably ours
+
+
+def test_socket_replaced_by_someone_else_is_kept(paths, tmp_path):
+    st = State.open(paths)
+    p = str(tmp_path / "s.sock")
+    s1 = socket.socket(socket.AF_UNIX)
+    s1.bind(p)
+    s1.close()
+    st1 = os.stat(p)
+    st.record("socket", p, path=p, ino=st1.st_ino, dev=st1.st_dev)
+    os.unlink(p)
+    keep = open(tmp_path / "pin", "w")    # keep the old inode number from being reused at once
+    s2 = socket.socket(socket.AF_UNIX)
+    s2.bind(p)
+    s2.close()
+    keep.close()
+    if os.stat(p).st_ino == st1.st_ino:
+        pytest.skip("the filesystem reused the inode number")
+    report = cleanup_all(st)
+    assert os.path.exists(p) and "belongs to someone else" in report.done[0]
+
+
+def test_failures_stay_recorded_and_others_still_run(paths, tmp_path):
+    st = State.open(paths)
+    f = tmp_path / "f"
+    f.write_text("x")
+    st.record("file", str(f), path=str(f))
+    st.record("custom", "broken", release="spinbox.shim.state:no_such_function")
+    report = cleanup_all(st)
+    assert not f.exists()
+    assert len(report.failed) == 1 and "broken" in report.failed[0]
+    assert [r["key"] for r in State.load(paths).doc["resources"]] == ["broken"]
+
+
+def test_unknown_kinds_and_foreign_releasers_are_refused(paths):
+    st = State.open(paths)
+    with pytest.raises(ValueError, match="unknown resource kind"):
+        st.record("spaceship", "x")
+    with pytest.raises(StateError, match="must be spinbox.shim"):
+        release({"kind": "x", "key": "k", "release": "os:system"})
+
+
+def test_owner_scoped_cleanup_and_tasks(paths, tmp_path):
+    st = State.open(paths)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("a")
+    b.write_text("b")
+    st.record("file", str(a), owner="c1", path=str(a))
+    st.record("file", str(b), owner="c2", path=str(b))
+    st.set_task("c1", pid=42, exit_status=3)
+    assert cleanup_all(st, owner="c1").ok
+    assert not a.exists() and b.exists()
+    assert State.load(paths).tasks == {"c1": {"pid": 42, "exit_status": 3}}
+
+
+def test_daemon_identity(paths, child):
+    st = State.open(paths)
+    st.set_daemon(child.pid, "unix:///x")
+    assert State.load(paths).daemon_alive()
+    child.kill()
+    child.wait()
+    assert not State.load(paths).daemon_alive()
+
+
+def test_corrupt_state_is_reported(paths):
+    paths.dir.mkdir(parents=True)
+    paths.state_file.write_text("{nope")
+    with pytest.raises(StateError, match="corrupt state file"):
+        State.load(paths)
+
+
+def test_remove_files(paths):
+    st = State.open(paths)
+    st.remove_files()
+    assert not paths.dir.exists() and not paths.dir.parent.exists()
+
+
+def test_group_lock_excludes_and_survives_removal(paths):
+    first = GroupLock(paths).acquire()
+    got = []
+
+    def other():
+        with GroupLock(paths, timeout=10):
+            got.append(time.monotonic())
+
+    t = threading.Thread(target=other)
+    t.start()
+    time.sleep(0.2)
+    assert got == []                       # still held by `first`
+    first.release(remove=True)             # the holder removes the file (group gone)
+    t.join(10)
+    assert len(got) == 1
+    with pytest.raises(TimeoutError, match="held by another"):
+        with GroupLock(paths):
+            GroupLock(paths, timeout=0.1).acquire()
