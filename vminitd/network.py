@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
+
 from .errors import AgentError, InvalidArgument, NotFound
 from .ids import validate_hostname
 
@@ -241,9 +243,7 @@ def _family(v: int) -> tuple[str, str]:
 
 async def configure_link(ip: IPRunner, current: str, spec: InterfaceSpec) -> str:
     name = current
-    if spec.name and spec.name != current:
-        if os.path.exists(os.path.join(SYS_CLASS_NET, spec.name)) and SYS_CLASS_NET == "/sys/class/net":
-            pass   # a name clash is reported by `ip` itself, with its message
+    if spec.name and spec.name != current:   # a clash with another link: `ip` says so
         await ip("link", "set", "dev", current, "down")
         await ip("link", "set", "dev", current, "name", spec.name)
         name = spec.name
@@ -309,7 +309,6 @@ class NetworkService:
         self._lock = asyncio.Lock()
 
     async def Configure(self, req):
-        from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
         plan = parse_request(req)
         async with self._lock:
             names = await configure(plan, self.ip_cmd, self.etc_dir, self.sys_class_net, self.set_hostname)

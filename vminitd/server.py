@@ -8,11 +8,12 @@ from typing import Any
 
 import ttrpc
 
-from spinbox.api._pb.spinbox.agent.v1 import containers_pb2, events_pb2, stdio_pb2, system_pb2
+from spinbox.api._pb.spinbox.agent.v1 import containers_pb2, events_pb2, network_pb2, stdio_pb2, system_pb2
 
 from .agent import Agent
 from .errors import AgentError
 from .log import log
+from .network import NetworkService
 from .service import ContainersService, EventsService, StdioService, SystemService
 
 
@@ -83,6 +84,7 @@ class AgentServer:
             (stdio_pb2, "Stdio", StdioService(agent)),
             (events_pb2, "Events", EventsService(agent)),
             (system_pb2, "System", SystemService(agent, on_shutdown)),
+            (network_pb2, "Network", NetworkService(agent)),
         )
         for module, name, impl in services:
             desc = module.DESCRIPTOR.services_by_name[name]
