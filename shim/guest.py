@@ -12,7 +12,6 @@ The VM layer knows nothing about the agent API: the readiness probe we give it i
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os

@@ -145,26 +145,35 @@ class TaskService:
         self._events_task = asyncio.ensure_future(self._follow_events(sb))
 
     async def _follow_events(self, sb: Sandbox) -> None:
-        """Exits and OOMs from the agent; resubscribes after a hiccup (no event is lost: the
-        agent keeps a ring and we ask for everything after the last seq we saw)."""
+        """Exits and OOMs from the agent until the sandbox is lost (then every live process is
+        reported exited). The event stream itself may wait forever for a reconnect of a dead
+        VM's channel, so it is raced against `sb.lost`, the VM layer's verdict."""
+        follow = asyncio.ensure_future(self._consume_events(sb))
         lost = asyncio.ensure_future(sb.lost.wait())
         try:
-            while not sb.lost.is_set() and sb.agent is not None:
-                try:
-                    async for e in sb.agent.events(after_seq=self._event_seq):
-                        self._on_guest_event(e)
-                    break           # the agent client was closed
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:
-                    if sb.lost.is_set():
-                        break
-                    log.warning("agent event stream failed (%s); resubscribing", e)
-                    await asyncio.wait([lost], timeout=0.5)
+            await asyncio.wait([follow, lost], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            lost.cancel()
+            for t in (follow, lost):
+                t.cancel()
+            await asyncio.gather(follow, lost, return_exceptions=True)
         if not self.shutting_down:
-            self._sandbox_lost()
+            await self._sandbox_lost()
+
+    async def _consume_events(self, sb: Sandbox) -> None:
+        """Resubscribes after a hiccup (no event is lost: the agent keeps a ring and we ask for
+        everything after the last seq we saw)."""
+        while not sb.lost.is_set() and sb.agent is not None:
+            try:
+                async for e in sb.agent.events(after_seq=self._event_seq):
+                    self._on_guest_event(e)
+                return          # the agent client was closed
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if sb.lost.is_set():
+                    return
+                log.warning("agent event stream failed (%s); resubscribing", e)
+                await asyncio.sleep(0.5)
 
     def _on_guest_event(self, e) -> None:
         """One shim.agent.AgentEvent (already validated by the agent client)."""
@@ -189,9 +198,17 @@ class TaskService:
             if e.id in self.containers:
                 asyncio.ensure_future(self._publish(e.id, "/tasks/oom", ev.TaskOOM(container_id=e.id)))
 
-    def _sandbox_lost(self) -> None:
+    async def _sandbox_lost(self) -> None:
         """The agent is gone (VM died): every process that has not exited is reported as
-        exited with containerd's "unknown" status, so Wait returns and containerd can clean up."""
+        exited with containerd's "unknown" status, so Wait returns and containerd can clean up.
+        Their output streams can never end now: they are closed first (containerd's readers
+        see EOF) so the exits do not wait for a drain that cannot happen."""
+        log.error("sandbox lost: reporting every live process as exited (status %d)",
+                  ExitInfo.unknown(0).status)
+        for c in list(self.containers.values()):
+            for p in [*c.execs.values(), c.init]:
+                if p.io is not None and not p.exited:
+                    await p.io.close()
         for c in self.containers.values():
             for p in [*c.execs.values(), c.init]:
                 if not p.exited and not p.exit_arrived and not p.deleted:

@@ -5,6 +5,8 @@ Transport independent (no protobuf here): service.py translates messages to thes
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -29,8 +31,27 @@ from .runc import Runc, read_pid_file
 from .states import ProcessState, State
 from .stdio import InputSink, OutputBuffer, pump_output
 
+F_SETPIPE_SZ = 1031           # fcntl.F_SETPIPE_SZ (Linux)
+OUTPUT_PIPE_SIZE = 1 << 20    # process stdout/stderr pipes: read up to 1 MiB per wakeup
+HOTPLUG_MOUNT_WAIT_S = 30.0   # a just hot-plugged virtiofs device may not be probed yet
 DRAIN_IDLE_TIMEOUT = 5.0     # exit waits for output delivery while the host makes progress
 OOM_POLL_INTERVAL = 1.0
+
+
+async def _mount_hotplugged(source: str, target: str, fstype: str, options: list[str]) -> None:
+    """mount(2), waiting (bounded) for a virtiofs tag the host hot-plugged a moment ago: until
+    the guest kernel has probed the PCI device, mounting its tag fails with EINVAL ("tag not
+    found"). PCIe hotplug under TCG takes a while, longer with several VMs on a busy host."""
+    deadline = time.monotonic() + HOTPLUG_MOUNT_WAIT_S
+    while True:
+        try:
+            mounts.mount(source, target, fstype, options)
+            return
+        except OSError as e:
+            if fstype != "virtiofs" or e.errno not in (errno.EINVAL, errno.ENODEV, errno.ENOENT) \
+                    or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -174,6 +195,8 @@ class Agent:
         for i, name in ((1, "stdout"), (2, "stderr")):
             if getattr(p.wanted, name):
                 r, w = os.pipe()
+                with contextlib.suppress(OSError):   # bigger reads per wakeup; best effort
+                    fcntl.fcntl(r, F_SETPIPE_SZ, OUTPUT_PIPE_SIZE)
                 child[i], ours[name] = w, r
                 theirs.append(w)
         return (child[0], child[1], child[2]), theirs, ours
@@ -241,7 +264,8 @@ class Agent:
                     for m in rootfs_mounts:
                         target = root / validate_relative_target(m.get("target", ""))
                         target.mkdir(parents=True, exist_ok=True)
-                        mounts.mount(m.get("source", ""), str(target), m.get("type", ""), list(m.get("options", [])))
+                        await _mount_hotplugged(m.get("source", ""), str(target), m.get("type", ""),
+                                                list(m.get("options", [])))
                         mounted.append(str(target))
                     rootfs = str(root)
                 elif rootfs_path:
@@ -470,7 +494,8 @@ class Agent:
         p = self.process(id, exec_id)
         if p.pty_fd is None:
             raise FailedPrecondition(f"{p.name} has no terminal")
-        if not (0 < width < 65536 and 0 < height < 65536):
+        # 0x0 is a valid size ("unknown": what ctr sends from a terminal that has none), as in runc
+        if not (0 <= width < 65536 and 0 <= height < 65536):
             raise InvalidArgument(f"invalid terminal size {width}x{height}")
         fcntl.ioctl(p.pty_fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 

@@ -24,7 +24,7 @@ from .fdio import wait_readable, wait_writable
 
 OUTPUT_CAPACITY = 1 << 20      # unacknowledged output kept per stream (bytes)
 INPUT_WINDOW = 256 << 10       # stdin bytes the host may have in flight
-CHUNK = 64 << 10               # largest data message
+CHUNK = 256 << 10              # largest data message (fewer, larger messages: TCG-bound guest)
 
 
 class _Notifier:

@@ -70,7 +70,7 @@ class NetworkConfigList:
     cni_version: str
     plugins: tuple[dict[str, Any], ...]
     disable_check: bool = False
-    source: str = ""                       # file it came from ("" = given as data)
+    source: str = field(default="", compare=False)   # file it came from ("" = given as data)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_bytes(self) -> bytes:
@@ -246,20 +246,20 @@ def validate_result(result: Any, plugin: str) -> dict[str, Any]:
         raise bad("not a JSON object")
     if not isinstance(result.get("cniVersion"), str):
         raise bad("no cniVersion")
-    ifaces = result.get("interfaces") or []
+    ifaces = result.get("interfaces", [])
     if not isinstance(ifaces, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in ifaces):
         raise bad("'interfaces' must be a list of objects with a name")
-    ips = result.get("ips") or []
+    ips = result.get("ips", [])
     if not isinstance(ips, list) or not all(isinstance(i, dict) and isinstance(i.get("address"), str) for i in ips):
         raise bad("'ips' must be a list of objects with an address")
     for ip in ips:
         idx = ip.get("interface")
         if idx is not None and (not isinstance(idx, int) or not 0 <= idx < len(ifaces)):
             raise bad(f"ips entry {ip['address']} names interface {idx!r}, out of range")
-    routes = result.get("routes") or []
+    routes = result.get("routes", [])
     if not isinstance(routes, list) or not all(isinstance(r, dict) and isinstance(r.get("dst"), str) for r in routes):
         raise bad("'routes' must be a list of objects with a dst")
-    if not isinstance(result.get("dns") or {}, dict):
+    if not isinstance(result.get("dns", {}), dict):
         raise bad("'dns' must be an object")
     return result
 
@@ -290,6 +290,7 @@ class CachedResult:
     network: NetworkConfigList
     rt: RuntimeConf
     result: dict[str, Any] | None
+    add_failed: bool = False       # ADD failed and its rollback DEL too: one more DEL, then drop
 
 
 class ResultCache:
@@ -299,7 +300,8 @@ class ResultCache:
     def path(self, network: str, container_id: str, ifname: str) -> Path:
         return self.dir / f"{network}-{container_id}-{ifname}"
 
-    def save(self, net: NetworkConfigList, rt: RuntimeConf, result: Mapping[str, Any] | None) -> Path:
+    def save(self, net: NetworkConfigList, rt: RuntimeConf, result: Mapping[str, Any] | None,
+             add_failed: bool = False) -> Path:
         entry = {
             "kind": "cniCacheV1",
             "containerId": rt.container_id,
@@ -310,6 +312,7 @@ class ResultCache:
             "cniArgs": [list(a) for a in rt.args],
             "capabilityArgs": dict(rt.capability_args),
             "result": result,
+            "spinboxAddFailed": add_failed,
         }
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         final = self.path(net.name, rt.container_id, rt.ifname)
@@ -336,7 +339,7 @@ class ResultCache:
                              capability_args=entry.get("capabilityArgs") or {})
         except (KeyError, TypeError, ValueError) as e:
             raise CNIError(f"CNI result cache {p} is corrupt: {e!r}") from None
-        return CachedResult(net, rt, entry.get("result"))
+        return CachedResult(net, rt, entry.get("result"), bool(entry.get("spinboxAddFailed")))
 
     def delete(self, network: str, container_id: str, ifname: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -446,14 +449,21 @@ class CNIClient:
             # Record intent first: a crash mid-chain still leaves what DEL needs.
             self.cache.save(net, rt, None)
             result: dict[str, Any] | None = None
+            ran = 0
             try:
                 for plugin in net.plugins:
+                    ran += 1
                     result = await self._exec(plugin, "ADD", net, rt, result)
             except BaseException as e:
-                cleanup = await self._del_chain(net, rt, None, skip_missing=True)
+                # Undo what ran (the failed plugin included: it may have half-done things).
+                cleanup = await self._del_chain(net, rt, None, skip_missing=True, plugins=net.plugins[:ran])
                 if isinstance(e, CNIError):
                     e.cleanup_errors = [str(c) for c in cleanup]
-                if not cleanup:
+                if cleanup:
+                    # A plugin that cannot DEL its own config (the reason ADD failed, often)
+                    # would pin this entry forever: allow one more DEL, then drop it.
+                    self.cache.save(net, rt, None, add_failed=True)
+                else:
                     self.cache.delete(net.name, rt.container_id, rt.ifname)
                 raise
             assert result is not None
@@ -477,12 +487,15 @@ class CNIClient:
 
     async def delete(self, net: NetworkConfigList, rt: RuntimeConf) -> None:
         """DEL in reverse order with the cached result as prevResult. Every plugin is tried; the
-        cache entry goes only when all succeeded, so a failed DEL can be retried."""
+        cache entry goes only when all succeeded (or the entry is of an ADD that failed and
+        could not be undone then), so a failed DEL can be retried."""
         rt.validate()
         async with self._lock():
             cached = self.cache.load(net.name, rt.container_id, rt.ifname)
             prev = cached.result if cached else None
             errors = await self._del_chain(net, rt, prev, skip_missing=False)
+            if cached is not None and cached.add_failed:
+                self.cache.delete(net.name, rt.container_id, rt.ifname)
             if errors:
                 first = errors[0]
                 if len(errors) > 1:
@@ -504,9 +517,9 @@ class CNIClient:
         return True
 
     async def _del_chain(self, net: NetworkConfigList, rt: RuntimeConf, prev: Mapping[str, Any] | None,
-                         skip_missing: bool) -> list[CNIError]:
+                         skip_missing: bool, plugins: Iterable[Mapping[str, Any]] | None = None) -> list[CNIError]:
         errors: list[CNIError] = []
-        for plugin in reversed(net.plugins):
+        for plugin in reversed(list(net.plugins if plugins is None else plugins)):
             try:
                 await self._exec(plugin, "DEL", net, rt, prev)
             except PluginNotFound as e:

@@ -133,6 +133,7 @@ def _plumb_sync() -> list[PlumbedInterface]:
                 fd = tap.open_tap(name)
                 done.append(PlumbedInterface(cfg, name, fd))
                 tidx = ipr.link_lookup(ifname=name)[0]
+                _quiet_ipv6(name)
                 ipr.link("set", index=tidx, mtu=cfg.mtu, state="up")
                 ipr.link("set", index=idx, state="up")
                 tap.add_redirect(ipr, idx, tidx)
@@ -141,6 +142,15 @@ def _plumb_sync() -> list[PlumbedInterface]:
             _unplumb_sync(ipr, done)
             raise
     return done
+
+
+def _quiet_ipv6(name: str) -> None:
+    """No IPv6 on the TAP itself: it is a wire to the guest, and the netns' own link-local
+    ND/RS traffic on it would only reach the guest as noise. (/proc/sys/net is that of the
+    opening thread's netns.)"""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1")
 
 
 def _unplumb_sync(ipr: IPRoute, plumbed: list[PlumbedInterface]) -> None:

@@ -322,7 +322,8 @@ class VM:
         files = [p.qmp_socket, p.agent_socket, p.pidfile, p.qemu_log, p.state_file]
         if not self.config.keep_console_log:
             files.append(p.console_log)
-        for tag in self._helpers:
+        for key in self._helpers:      # keys are "virtiofsd-<tag>" (devices.add_virtiofs)
+            tag = key.removeprefix("virtiofsd-")
             files += [p.virtiofs_socket(tag), p.virtiofsd_log(tag)]
         return files
 
