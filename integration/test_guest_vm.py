@@ -31,12 +31,12 @@ from spinbox.shim.guest import Guest, boot_guest
 from spinbox.shim.vm import accel as accel_mod
 from spinbox.shim.vm import devices
 from spinbox.shim.vm.config import VMConfig, share_dir_path
+from integration.bundles import make_busybox_rootfs, oci_process, oci_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 TAG = "ctrroot"
 BIG = 50 * 1024 * 1024
-APPLETS = ["sh", "echo", "cat", "sleep", "tty", "true", "stty", "head", "seq", "kill", "wc"]
 HANG_GUARD_S = 120   # only so a broken guest fails the test instead of hanging it
 
 
@@ -62,15 +62,16 @@ def _prerequisites() -> None:
         _skip_or_fail("no /usr/lib/qemu/virtiofsd (qemu-system-common)")
 
 
+def spec(args: list[str], terminal: bool = False) -> dict:
+    return oci_spec(args, terminal, readonly_root=True, tmp_mount=True)
+
+
+proc = oci_process
+
+
 def make_rootfs(d: Path) -> str:
     """A busybox-static tree plus a 50 MB random file; returns the file's sha256."""
-    (d / "bin").mkdir(parents=True)
-    shutil.copy("/bin/busybox", d / "bin" / "busybox")
-    for a in APPLETS:
-        (d / "bin" / a).symlink_to("busybox")
-    for x in ("proc", "dev", "sys", "tmp", "etc", "data"):
-        (d / x).mkdir()
-    (d / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    make_busybox_rootfs(d, extra_dirs=("data",))
     h = hashlib.sha256()
     with open(d / "data" / "big.bin", "wb") as f:
         left = BIG
@@ -80,34 +81,6 @@ def make_rootfs(d: Path) -> str:
             f.write(block)
             left -= len(block)
     return h.hexdigest()
-
-
-def spec(args: list[str], terminal: bool = False) -> dict:
-    return {
-        "ociVersion": "1.0.2",
-        "process": {"terminal": terminal, "user": {"uid": 0, "gid": 0}, "args": args,
-                    "env": ["PATH=/bin", "TERM=xterm"], "cwd": "/",
-                    "capabilities": {k: ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"]
-                                     for k in ("bounding", "effective", "permitted")},
-                    "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-                    "noNewPrivileges": True},
-        "root": {"path": "rootfs", "readonly": True},
-        "hostname": "box",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
-        ],
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}],
-                  "maskedPaths": ["/proc/kcore"], "readonlyPaths": ["/proc/sys"]},
-    }
-
-
-def proc(args: list[str], terminal: bool = False) -> dict:
-    return {"args": args, "env": ["PATH=/bin"], "cwd": "/", "terminal": terminal, "user": {"uid": 0, "gid": 0}}
 
 
 class Env:

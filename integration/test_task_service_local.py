@@ -23,6 +23,7 @@ from spinbox.api._pb.containerd.task.v2 import shim_pb2
 from spinbox.api._pb.containerd.task.v3 import shim_pb2 as shim_v3
 from spinbox.api._pb.containerd.types.runc.options import oci_pb2
 from spinbox.api._pb.containerd.types.task import task_pb2
+from integration.bundles import make_busybox_rootfs, oci_spec
 
 pytestmark = [
     pytest.mark.integration,
@@ -31,7 +32,6 @@ pytestmark = [
                        reason="needs runc and busybox-static"),
 ]
 
-APPLETS = ["sh", "echo", "cat", "sleep", "tty", "true", "stty", "head", "read", "trap", "kill"]
 NS = {"containerd-namespace-ttrpc": "testns"}
 
 
@@ -49,34 +49,6 @@ class RecordingPublisher:
 
     def topics(self, container_id):
         return [t for t, _ in self.of(container_id)]
-
-
-def make_rootfs(d: Path) -> None:
-    (d / "bin").mkdir(parents=True)
-    shutil.copy("/bin/busybox", d / "bin" / "busybox")
-    for a in APPLETS:
-        (d / "bin" / a).symlink_to("busybox")
-    for x in ("proc", "dev", "sys", "tmp", "etc"):
-        (d / x).mkdir()
-
-
-def oci_spec(args, terminal=False):
-    return {
-        "ociVersion": "1.0.2",
-        "process": {"terminal": terminal, "user": {"uid": 0, "gid": 0}, "args": args,
-                    "env": ["PATH=/bin", "TERM=xterm"], "cwd": "/",
-                    "capabilities": {k: ["CAP_KILL"] for k in ("bounding", "effective", "permitted")},
-                    "noNewPrivileges": True},
-        "root": {"path": "rootfs"},
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-        ],
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"},
-                                 {"type": "network", "path": "/var/run/netns/host-cni-netns"}]},
-    }
 
 
 class FifoReader:
@@ -127,8 +99,8 @@ class Env:
     def bundle(self, id: str, args, terminal=False) -> Path:
         b = self.tmp / "bundles" / id
         b.mkdir(parents=True)
-        make_rootfs(b / "rootfs")
-        (b / "config.json").write_text(json.dumps(oci_spec(args, terminal)))
+        make_busybox_rootfs(b / "rootfs")
+        (b / "config.json").write_text(json.dumps(oci_spec(args, terminal, netns_path="/var/run/netns/host-cni-netns")))
         return b
 
     def reader(self, path: Path) -> FifoReader:
@@ -371,10 +343,10 @@ async def test_v3_service_and_shutdown(env):
 async def test_rootfs_mounts_are_mounted_and_unmounted(env):
     from spinbox.api._pb.containerd.types import mount_pb2
     tree = env.tmp / "snapshot"
-    make_rootfs(tree)
+    make_busybox_rootfs(tree)
     b = env.tmp / "bundles" / "c6"
     b.mkdir(parents=True)
-    (b / "config.json").write_text(json.dumps(oci_spec(["sh", "-c", "echo from-snapshot"])))
+    (b / "config.json").write_text(json.dumps(oci_spec(["sh", "-c", "echo from-snapshot"], netns_path="/var/run/netns/host-cni-netns")))
     out = env.fifo("c6-out")
     r = env.reader(out)
     await env.task.Create(shim_pb2.CreateTaskRequest(

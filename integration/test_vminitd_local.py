@@ -24,6 +24,7 @@ from spinbox.api._pb.spinbox.agent.v1 import containers_pb2 as cpb
 from spinbox.api._pb.spinbox.agent.v1 import events_pb2 as epb
 from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
 from spinbox.api._pb.spinbox.agent.v1 import system_pb2 as sypb
+from integration.bundles import make_busybox_rootfs, oci_process, oci_spec
 
 pytestmark = [
     pytest.mark.integration,
@@ -31,49 +32,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("runc") is None or not os.path.exists("/bin/busybox"),
                        reason="needs runc and busybox-static"),
 ]
-
-APPLETS = ["sh", "echo", "cat", "sleep", "tty", "true", "stty", "head", "dd", "trap", "kill", "seq", "yes", "mv", "tail"]
-
-
-def make_rootfs(d: Path) -> None:
-    (d / "bin").mkdir(parents=True)
-    shutil.copy("/bin/busybox", d / "bin" / "busybox")
-    for a in APPLETS:
-        (d / "bin" / a).symlink_to("busybox")
-    for x in ("proc", "dev", "sys", "tmp", "etc"):
-        (d / x).mkdir()
-    (d / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
-
-
-def spec(args: list[str], terminal: bool = False, memory_limit: int | None = None) -> bytes:
-    resources = {"memory": {"limit": memory_limit, "swap": memory_limit}} if memory_limit else {}
-    return json.dumps({
-        "ociVersion": "1.0.2",
-        "process": {"terminal": terminal, "user": {"uid": 0, "gid": 0}, "args": args,
-                    "env": ["PATH=/bin", "TERM=xterm"], "cwd": "/",
-                    "capabilities": {k: ["CAP_KILL", "CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"]
-                                     for k in ("bounding", "effective", "permitted")},
-                    "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-                    "noNewPrivileges": True},
-        "root": {"path": "rootfs"},
-        "hostname": "box",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-        ],
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"},
-                                 {"type": "network", "path": "/var/run/netns/does-not-matter"}],
-                  "resources": resources,
-                  "maskedPaths": ["/proc/kcore"], "readonlyPaths": ["/proc/sys"]},
-    }).encode()
-
-
-def process(args: list[str], terminal: bool = False) -> bytes:
-    return json.dumps({"args": args, "env": ["PATH=/bin"], "cwd": "/", "terminal": terminal,
-                       "user": {"uid": 0, "gid": 0}}).encode()
-
 
 SVC = "spinbox.agent.v1."
 
@@ -146,6 +104,15 @@ class Agent:
                                              server_streaming=True)
 
 
+def spec(args: list[str], terminal: bool = False, memory_limit: int | None = None) -> bytes:
+    return json.dumps(oci_spec(args, terminal, memory_limit=memory_limit,
+                               netns_path="/var/run/netns/does-not-matter")).encode()
+
+
+def process(args: list[str], terminal: bool = False) -> bytes:
+    return json.dumps(oci_process(args, terminal)).encode()
+
+
 def _container_pids(rootfs: Path) -> list[int]:
     """Processes whose root is our rootfs: anything a container left running."""
     found = []
@@ -164,7 +131,7 @@ async def env():
     import ttrpc
     tmp = Path(tempfile.mkdtemp(prefix="vmi-", dir="/tmp"))
     rootfs = tmp / "rootfs"
-    make_rootfs(rootfs)
+    make_busybox_rootfs(rootfs)
     state = tmp / "state"
     sock = tmp / "agent.sock"
     log = open(tmp / "vminitd.log", "wb")
