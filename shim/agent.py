@@ -716,10 +716,37 @@ def _event_from(msg: epb.Event, last: int) -> AgentEvent | None:
     return None
 
 
+# ------------------------------------------------------------------------------- streams
+
+class _ResumableStream:
+    """What output and input streams share: a background task that (re)opens the guest
+    session after every reconnect, a change signal for waiters, and a first-error latch."""
+
+    _kind = "stream"
+
+    def _finished(self) -> bool:
+        raise NotImplementedError
+
+    def _kick(self) -> None:
+        ev, self._changed = self._changed, asyncio.Event()
+        ev.set()
+
+    def _abort(self, error: BaseException) -> None:
+        if self._error is None and not self._finished():
+            self._error = error
+        self._kick()
+
+    def _ensure_task(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"agent-{self._kind}-{self.name}")
+
+
 # ------------------------------------------------------------------------------- output
 
-class OutputStream:
+class OutputStream(_ResumableStream):
     """Bytes of one process's stdout/stderr, in order, exactly once, across reconnects."""
+
+    _kind = "output"
 
     def __init__(self, agent: AgentClient, id: str, exec_id: str, fd: int, offset: int, window: int) -> None:
         self.agent = agent
@@ -742,18 +769,8 @@ class OutputStream:
     def name(self) -> str:
         return f"{self.id}/{self.exec_id or 'init'}/{'stdout' if self.fd == 1 else 'stderr'}"
 
-    def _kick(self) -> None:
-        ev, self._changed = self._changed, asyncio.Event()
-        ev.set()
-
-    def _abort(self, error: BaseException) -> None:
-        if self._error is None and not self._done:
-            self._error = error
-        self._kick()
-
-    def _ensure_task(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"agent-output-{self.name}")
+    def _finished(self) -> bool:
+        return self._done
 
     async def _run(self) -> None:
         """Open sessions (again after every reconnect) and move guest chunks into _pending."""
@@ -894,8 +911,10 @@ class OutputStream:
 
 # ------------------------------------------------------------------------------- input
 
-class InputStream:
+class InputStream(_ResumableStream):
     """A process's stdin: bytes in order, exactly once, across reconnects; EOF acknowledged."""
+
+    _kind = "input"
 
     def __init__(self, agent: AgentClient, id: str, exec_id: str) -> None:
         self.agent = agent
@@ -923,18 +942,8 @@ class InputStream:
         """Bytes the guest confirmed receiving."""
         return self._acked
 
-    def _kick(self) -> None:
-        ev, self._changed = self._changed, asyncio.Event()
-        ev.set()
-
-    def _abort(self, error: BaseException) -> None:
-        if self._error is None and not self._eof_acked:
-            self._error = error
-        self._kick()
-
-    def _ensure_task(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"agent-input-{self.name}")
+    def _finished(self) -> bool:
+        return self._eof_acked
 
     async def _run(self) -> None:
         gen = 0
