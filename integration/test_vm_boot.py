@@ -173,9 +173,28 @@ async def _echo_probe(sock_path: Path) -> None:
         await w.wait_closed()
 
 
+async def _sync_echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """Wait until the guest's echo loop serves this connection. After a host disconnect the
+    guest reopens the port; bytes written during that gap may be lost (a virtio-serial fact, see
+    environment.md), so send numbered tokens until one comes back — echoes are in order, so
+    everything before it is drained and the stream is in step."""
+    for i in range(200):
+        token = f"sync-{i}\n".encode()
+        w.write(token)
+        await w.drain()
+        try:
+            while await asyncio.wait_for(r.readline(), 0.25) != token:
+                pass
+            return
+        except asyncio.TimeoutError:
+            continue
+    raise AssertionError("the guest's echo loop never answered on a new connection")
+
+
 async def _roundtrip(sock_path: Path, payload: bytes) -> bytes:
     r, w = await asyncio.open_unix_connection(str(sock_path))
     try:
+        await _sync_echo(r, w)
         w.write(payload)
         await w.drain()
         return await asyncio.wait_for(r.readexactly(len(payload)), 30)
