@@ -200,7 +200,8 @@ def env():
     work = Path(tempfile.mkdtemp(prefix="sbx-ctr-", dir="/tmp"))
     state_dir = work / "st"                  # short: unix sockets live under it
     cfg = work / "config.json"
-    cfg.write_text(json.dumps({"paths": {"state_dir": str(state_dir)}}))
+    # an empty CNI conf dir: loopback-only sandboxes (networking has its own suite, test_ctr_network)
+    cfg.write_text(json.dumps({"paths": {"state_dir": str(state_dir), "cni_conf_dir": str(work / "no-cni")}}))
     c = Containerd.create(path_prefix=[SHIM_BIN_DIR], env={"SPINBOX_CONFIG": str(cfg)}, cri=False)
     e = Env(c, "", work, state_dir)
     problems: list[str] = []

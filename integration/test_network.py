@@ -1,5 +1,5 @@
 """Sandbox networking against Debian's real CNI plugins (bridge + host-local + loopback), real
-netns, TAP and tc mirred, and the guest-side configuration with busybox `ip` inside a netns.
+netns, TAP and tc mirred, and the guest-side configuration (rtnetlink) inside a netns.
 
 Every test uses a private bridge (spbt-<random>), a private subnet, and a private host-local
 dataDir, result cache and lock in a tmp dir; ipMasq is off (no iptables rules). The fixtures
@@ -8,6 +8,7 @@ delete bridges, netns and files in finally.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import os
@@ -269,57 +270,125 @@ async def test_cri_mode_attach_existing_netns(env):
 
 
 # ---------------------------------------------------------------------------------------------
-# guest side, run in a netns with busybox ip (the guest image's tool)
+# guest side: vminitd's Network.Configure (rtnetlink, vminitd/netlink.py) run in a netns
 
 GUEST_SCRIPT = r"""
 import asyncio, json, sys
-from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
-from spinbox.vminitd.network import NetworkService
 from google.protobuf import json_format
+from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
+from spinbox.vminitd.errors import AgentError
+from spinbox.vminitd.network import NetworkService
 req = json_format.Parse(sys.argv[1], npb.ConfigureRequest())
-svc = NetworkService(ip_cmd=("busybox", "ip"), etc_dir=sys.argv[2], set_hostname=False)
-resp = asyncio.run(svc.Configure(req))
-print(json_format.MessageToJson(resp))
+svc = NetworkService(etc_dir=sys.argv[2], set_hostname=False)
+try:
+    resp = asyncio.run(svc.Configure(req))
+except AgentError as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+    sys.exit(1)
+print(json.dumps({"response": json_format.MessageToDict(resp), "published": svc.published}))
 """
 
 
-async def test_guest_configure_with_busybox_ip(env, tmp_path):
+def guest_configure(ns: str, req, etc) -> tuple[int, dict]:
+    """Run the guest's Configure in netns `ns` (`ip netns exec` also gives it that netns's /sys)."""
     from google.protobuf import json_format
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", GUEST_SCRIPT,
+                        json_format.MessageToJson(req, indent=None), str(etc)], capture_output=True, text=True)
+    assert r.stdout.strip(), f"no result (rc {r.returncode}): {r.stderr}"
+    return r.returncode, json.loads(r.stdout)
 
-    from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
+
+@pytest.fixture
+def guest_ns(env, tmp_path):
     name = f"spbt-{env.tag}-guest"
-    env.netns_names.append(name)
-    await netns.create(name)
+    env.netns_names.append(name)                      # the env fixture deletes it
+    asyncio.run(netns.create(name))
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    return name, etc
+
+
+def test_guest_configure_with_netlink(guest_ns):
+    from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
+    name, etc = guest_ns
     mac = "02:5b:00:00:00:07"
     # the "guest NIC": one end of a veth in the netns, named as the kernel would, with the MAC
     sh(f"ip -n {name} link add vguest0 address {mac} type veth peer name vother0")
-    etc = tmp_path / "etc"
-    etc.mkdir()
     req = npb.ConfigureRequest(
         interfaces=[npb.Interface(mac=mac.upper(), name="eth0", mtu=1400,
                                   addresses=["10.77.0.5/24", "fd00:77::5/64"],
                                   routes=[npb.Route(dst="0.0.0.0/0", gateway="10.77.0.1"),
-                                          npb.Route(dst="192.168.50.0/24", metric=7)])],
+                                          npb.Route(dst="192.168.50.0/24", metric=7),
+                                          npb.Route(dst="fd00:99::/64", gateway="fd00:77::1", metric=5)])],
         hostname="guest-a", dns=npb.DNS(nameservers=["10.77.0.10"], search=["example.test"]),
         hosts=[npb.HostEntry(ip="10.77.0.9", names=["peer"])], link_timeout_ms=2000)
-    for _ in range(2):                                # a retried Configure must succeed too
-        out = sh(f"ip netns exec {name} {sys.executable} -c '{GUEST_SCRIPT}' "
-                 f"'{json_format.MessageToJson(req, indent=None)}' {etc}")
-        assert json.loads(out)["interfaces"] == [{"mac": mac, "name": "eth0"}]
-    link = netns_json(name, "addr show dev eth0")[0]
-    assert link["address"] == mac and link["mtu"] == 1400 and "UP" in link["flags"]
-    addrs = sorted(f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"] if a.get("scope") == "global")
-    assert addrs == ["10.77.0.5/24", "fd00:77::5/64"]
-    assert "UP" in netns_json(name, "link show dev lo")[0]["flags"]
-    routes = {r["dst"]: r for r in netns_json(name, "route show")}
-    assert routes["default"]["gateway"] == "10.77.0.1" and routes["default"]["dev"] == "eth0"
-    assert routes["192.168.50.0/24"]["metric"] == 7
+    for attempt in range(2):                          # a retried Configure must succeed too
+        if attempt:                                   # ... and drop a global address it did not ask for
+            sh(f"ip -n {name} addr add 10.77.0.99/24 dev eth0")
+        rc, out = guest_configure(name, req, etc)
+        assert rc == 0, out
+        assert out["response"]["interfaces"] == [{"mac": mac, "name": "eth0"}]
+        assert out["published"] == {"/etc/resolv.conf": str(etc / "resolv.conf"), "/etc/hosts": str(etc / "hosts")}
+        link = netns_json(name, "addr show dev eth0")[0]
+        assert link["address"] == mac and link["mtu"] == 1400 and "UP" in link["flags"]
+        addrs = sorted(f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"] if a.get("scope") == "global")
+        assert addrs == ["10.77.0.5/24", "fd00:77::5/64"]
+        assert "UP" in netns_json(name, "link show dev lo")[0]["flags"]
+        routes = {r["dst"]: r for r in netns_json(name, "-d route show table main")}
+        assert routes["default"]["gateway"] == "10.77.0.1" and routes["default"]["dev"] == "eth0"
+        assert (routes["default"]["protocol"], routes["default"]["scope"]) == ("boot", "global")
+        assert routes["192.168.50.0/24"]["metric"] == 7 and routes["192.168.50.0/24"]["scope"] == "link"
+        r6 = {r["dst"]: r for r in netns_json(name, "-6 route show")}
+        assert r6["fd00:99::/64"]["gateway"] == "fd00:77::1" and r6["fd00:99::/64"]["metric"] == 5
+        assert not any(l["ifname"].startswith("sbxtmp") for l in netns_json(name, "link show"))
     assert (etc / "resolv.conf").read_text().splitlines()[1:] == ["search example.test", "nameserver 10.77.0.10"]
     hosts = (etc / "hosts").read_text()
     assert "10.77.0.5\tguest-a" in hosts and "10.77.0.9\tpeer" in hosts
 
     # a MAC that never appears: a clear NotFound after the timeout
     bad = npb.ConfigureRequest(interfaces=[npb.Interface(mac="02:5b:00:00:00:99")], link_timeout_ms=100)
-    r = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", GUEST_SCRIPT,
-                        json_format.MessageToJson(bad, indent=None), str(etc)], capture_output=True, text=True)
-    assert r.returncode != 0 and "no network interface with MAC 02:5b:00:00:00:99" in r.stderr
+    rc, out = guest_configure(name, bad, etc)
+    assert rc == 1 and out["error"] == "NotFound" and "no network interface with MAC 02:5b:00:00:00:99" in out["message"]
+
+
+def test_guest_configure_swaps_names(guest_ns):
+    """eth0↔eth1: each rename would clash with the other link's old name; parking avoids it."""
+    from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
+    name, etc = guest_ns
+    a, b = "02:5b:00:00:00:0a", "02:5b:00:00:00:0b"
+    sh(f"ip -n {name} link add eth0 address {b} type veth peer name eth1 address {a}")
+    sh(f"ip -n {name} link add sbxtmp0 type veth peer name spare0")   # left over: parking must pick another name
+    req = npb.ConfigureRequest(interfaces=[npb.Interface(mac=a, name="eth0", addresses=["10.78.0.2/24"]),
+                                           npb.Interface(mac=b, name="eth1", addresses=["10.79.0.2/24"])])
+    rc, out = guest_configure(name, req, etc)
+    assert rc == 0, out
+    assert out["response"]["interfaces"] == [{"mac": a, "name": "eth0"}, {"mac": b, "name": "eth1"}]
+    links = {l["ifname"]: l for l in netns_json(name, "addr show")}
+    assert links["eth0"]["address"] == a and links["eth1"]["address"] == b and "sbxtmp0" in links
+    assert [x["local"] for x in links["eth0"]["addr_info"] if x["family"] == "inet"] == ["10.78.0.2"]
+    assert "sbxtmp1" not in links
+
+
+def test_guest_configure_errors(guest_ns):
+    from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
+    name, etc = guest_ns
+    mac = "02:5b:00:00:00:0c"
+    sh(f"ip -n {name} link add vguest0 address {mac} type veth peer name vother0")
+    # the host's request is validated before anything is touched
+    rc, out = guest_configure(name, npb.ConfigureRequest(interfaces=[npb.Interface(mac=mac, mtu=20)]), etc)
+    assert rc == 1 and out["error"] == "InvalidArgument"
+    assert out["message"] == "interfaces[0]: MTU 20 out of range 68..65535"
+    assert netns_json(name, "link show dev vguest0")[0]["mtu"] != 20
+    # the kernel refuses: a gateway on no connected subnet; the errno text and the step come back
+    unreachable = npb.ConfigureRequest(interfaces=[npb.Interface(
+        mac=mac, name="eth0", addresses=["10.80.0.2/24"], routes=[npb.Route(dst="0.0.0.0/0", gateway="10.99.0.1")])])
+    rc, out = guest_configure(name, unreachable, etc)
+    assert rc == 1 and out["error"] == "NetworkError"
+    assert out["message"].startswith(
+        f"replace route 0.0.0.0/0 via 10.99.0.1 dev eth0: {os.strerror(errno.ENETUNREACH)}"), out
+    # a name another link has: the rename (after parking) fails, naming the MAC and the name
+    sh(f"ip -n {name} link add eth1 type veth peer name vother1")
+    clash = npb.ConfigureRequest(interfaces=[npb.Interface(mac=mac, name="eth1")])
+    rc, out = guest_configure(name, clash, etc)
+    assert rc == 1 and out["error"] == "NetworkError"
+    assert f"(MAC {mac}) to eth1: {os.strerror(errno.EEXIST)}" in out["message"], out

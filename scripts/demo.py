@@ -7,16 +7,22 @@
 4. `ctr run --rm --runtime io.containerd.spinbox.v1 <image> demo uname -a`: the guest's kernel,
    not the host's;
 5. `ctr task exec` into a running container, and an exit code coming back;
-6. prints the timings and stops everything it started (also on ^C or an error).
+6. its network: the shim ran CNI (examples/cni/10-spinbox.conflist, Debian's bridge +
+   host-local plugins) in a netns of its own and plugged it into the VM: the container's
+   address, its route, a ping to the bridge gateway;
+7. prints the timings and stops everything it started (also on ^C or an error).
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +36,8 @@ RUNTIME = "io.containerd.spinbox.v1"
 SHIM_DIR = Path(sys.executable).parent            # .venv/bin holds containerd-shim-spinbox-v1
 SHARE_DIR = Path(os.environ.get("SPINBOX_SHARE_DIR", "/usr/share/spinbox"))
 NAMESPACE = "spinbox-demo"
+EXAMPLE_CONFLIST = ROOT / "examples" / "cni" / "10-spinbox.conflist"
+DEMO_BRIDGE = json.loads(EXAMPLE_CONFLIST.read_text())["plugins"][0]["bridge"]
 
 BOLD, DIM, GREEN, RED, RESET = ("\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m") \
     if sys.stdout.isatty() else ("",) * 5
@@ -77,6 +85,8 @@ def missing_prerequisites() -> list[str]:
 class Demo:
     def __init__(self) -> None:
         self.c: Containerd | None = None
+        self.work = Path("/nonexistent")
+        self.bridge_existed = True
         self.timings: list[tuple[str, float]] = []
         self.running: list[str] = []        # detached tasks to stop at the end
 
@@ -117,11 +127,21 @@ class Demo:
 
         step("2. a private containerd (temp root/state/socket; the system one is not touched)")
         t = time.monotonic()
-        self.c = Containerd.create(path_prefix=[SHIM_DIR], namespace=NAMESPACE, cri=False)
+        self.bridge_existed = _link_exists(DEMO_BRIDGE)
+        self.work = Path(tempfile.mkdtemp(prefix="spinbox-demo-", dir="/tmp"))
+        conf_dir = self.work / "cni"
+        conf_dir.mkdir()
+        shutil.copy(EXAMPLE_CONFLIST, conf_dir / EXAMPLE_CONFLIST.name)
+        cfg = self.work / "config.json"
+        cfg.write_text(json.dumps({"paths": {"cni_conf_dir": str(conf_dir)}}))
+        self.c = Containerd.create(path_prefix=[SHIM_DIR], namespace=NAMESPACE, cri=False,
+                                   env={"SPINBOX_CONFIG": str(cfg)})
         self.timed("containerd up", time.monotonic() - t)
         print(f"socket {self.c.address}; ctr below runs with "
               f"--address {self.c.address} --namespace {NAMESPACE}")
         print(f"containerd finds containerd-shim-spinbox-v1 on its PATH in {SHIM_DIR}")
+        print(f"the shim's config (SPINBOX_CONFIG) points its CNI conf dir at a copy of "
+              f"{EXAMPLE_CONFLIST.relative_to(ROOT)}")
 
         step("3. a busybox OCI image, built locally and imported")
         t = time.monotonic()
@@ -152,6 +172,17 @@ class Demo:
         print(f"exit code: {r.returncode}")
         if r.returncode != 3:
             raise ContainerdError(f"expected exit code 3, got {r.returncode}")
+
+        step("6. the container's network (CNI in the shim, a TAP into the VM)")
+        r = self.ctr("task", "exec", "--exec-id", "addr", "demo-exec", "sh", "-c",
+                     "ip -4 -o addr show dev eth0; ip route")
+        m = re.search(r"inet (\d+\.\d+\.\d+\.\d+/\d+)", r.stdout.decode())
+        gw = re.search(r"default via (\d+\.\d+\.\d+\.\d+)", r.stdout.decode())
+        if not m or not gw:
+            raise ContainerdError("the container has no IPv4 address or default route on eth0")
+        print(f"container address {m.group(1)} (from CNI host-local), gateway {gw.group(1)} (bridge {DEMO_BRIDGE})")
+        r = self.ctr("task", "exec", "--exec-id", "ping", "demo-exec", "ping", "-c", "3", gw.group(1))
+        self.timed("ping -c 3 gateway (exec round trip included)", r.seconds)
         self.ctr("task", "kill", "-s", "SIGKILL", "demo-exec")
         t = time.monotonic()
         while b"STOPPED" not in self.ctr("task", "ls", echo=False).stdout:
@@ -173,6 +204,11 @@ class Demo:
             self.ctr("containers", "delete", id, check=False, echo=False)
         self.c.cleanup()
         print(f"containerd stopped, {self.c.base} removed")
+        if not self.bridge_existed and _link_exists(DEMO_BRIDGE):
+            # CNI DEL releases the sandbox's veth and address, never the bridge itself
+            subprocess.run(["ip", "link", "del", DEMO_BRIDGE], capture_output=True)
+            print(f"bridge {DEMO_BRIDGE} removed")
+        shutil.rmtree(self.work, ignore_errors=True)
 
     def summary(self) -> None:
         step("timings")
@@ -180,6 +216,10 @@ class Demo:
         for what, s in self.timings:
             print(f"  {what:<{width}}  {s:6.2f} s")
         print(f"{DIM}  guests run under {accel_note()}{RESET}")
+
+
+def _link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
 
 
 def accel_note() -> str:

@@ -76,6 +76,7 @@ import ttrpc
 
 from spinbox.api._pb.spinbox.agent.v1 import containers_pb2 as cpb
 from spinbox.api._pb.spinbox.agent.v1 import events_pb2 as epb
+from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
 from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
 from spinbox.api._pb.spinbox.agent.v1 import system_pb2 as sypb
 
@@ -87,6 +88,7 @@ SVC_CONTAINERS = "spinbox.agent.v1.Containers"
 SVC_STDIO = "spinbox.agent.v1.Stdio"
 SVC_EVENTS = "spinbox.agent.v1.Events"
 SVC_SYSTEM = "spinbox.agent.v1.System"
+SVC_NETWORK = "spinbox.agent.v1.Network"
 
 DEFAULT_TIMEOUT = 60.0           # one unary call (runc under TCG takes ~1 s; be generous)
 DEFAULT_OUTPUT_WINDOW = 1 << 20  # guest bytes in flight per output stream
@@ -103,6 +105,7 @@ PING_TIMEOUT_MAX = 3.0
 STREAM_BUFFER_MESSAGES = 1024    # ttrpc per-stream receive buffer (readers drain at once)
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}")
+_IFNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
 _STATUS_NAMES = {0: "unknown", 1: "created", 2: "running", 3: "stopped", 4: "paused", 5: "pausing"}
 
 
@@ -648,6 +651,24 @@ class AgentClient:
         if r.blocks_onlined > r.blocks_online:
             raise _bad(f"online_memory: onlined {r.blocks_onlined} > online {r.blocks_online}")
         return MemoryOnline(r.blocks_onlined, r.blocks_online, r.memory_total_bytes)
+
+    # -- network -----------------------------------------------------------------------------
+
+    async def configure_network(self, request: npb.ConfigureRequest, *,
+                                timeout: float | None = DEFAULT_TIMEOUT) -> dict[str, str]:
+        """Network.Configure; returns mac -> the guest's link name, for the requested MACs only
+        (anything else in the answer is a protocol violation)."""
+        r = await self._unary(SVC_NETWORK, "Configure", request, npb.ConfigureResponse, timeout)
+        wanted = {i.mac.lower() for i in request.interfaces}
+        out: dict[str, str] = {}
+        for it in r.interfaces:
+            mac = it.mac.lower()
+            if mac not in wanted or mac in out:
+                raise _bad(f"configure_network: unexpected interface {check_string(it.mac, 'mac', 64)!r}")
+            if not _IFNAME_RE.fullmatch(it.name):
+                raise _bad(f"configure_network: invalid link name {check_string(it.name, 'name', 64)!r}")
+            out[mac] = it.name
+        return out
 
     # -- streams -----------------------------------------------------------------------------
 

@@ -54,7 +54,8 @@ class Sandbox:
             raise ttrpc.Unavailable(f"sandbox {self.id} has no agent connection")
         return self.agent
 
-    async def start(self) -> None:
+    async def start(self, spec: dict | None = None) -> None:
+        """Boot the sandbox; `spec` is the first container's OCI spec (it decides the network)."""
         raise NotImplementedError
 
     async def stop(self) -> None:
@@ -93,7 +94,8 @@ class LocalSandbox(Sandbox):
     def socket(self) -> Path:
         return self.dir / "agent.sock"
 
-    async def start(self) -> None:
+    async def start(self, spec: dict | None = None) -> None:
+        # Host processes: the host's network, nothing to set up.
         self.dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.dir / "vminitd.log", "ab")
         self.proc = subprocess.Popen(
@@ -160,18 +162,42 @@ class VMSandbox(Sandbox):
     "share-<n>"); the agent mounts the tag (GuestRootfs.mounts) inside the guest.
     """
 
-    def __init__(self, id: str, boot: Callable[[], Awaitable[object]], *, virtiofs_source_ok=None) -> None:
+    def __init__(self, id: str, boot: Callable[[], Awaitable[object]], *, network=None) -> None:
         super().__init__(id)
         self._boot = boot
+        self.network = network        # shim.network.lifecycle.SandboxNetworking, or None
         self.guest = None
         self._handles: dict[str, list] = {}
         self._n = 0
         self._watch: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        self.guest = await self._boot()
+    async def start(self, spec: dict | None = None) -> None:
+        """Boot the VM while the host side of the network is set up (both take their own time:
+        ~2.7 s vs ~0.05 s under TCG), then hot-plug the NICs and configure the guest. Either
+        failing stops the other at once; `stop` (called by the holder) releases what exists."""
+        net = self.network
+        if net is not None:
+            net.decide(spec or {})          # a bad config or annotation fails before any boot
+        boot = asyncio.ensure_future(self._boot())
+        tasks = [boot] + ([asyncio.ensure_future(net.prepare())] if net is not None else [])
+        errors: list[BaseException] = []
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+        finally:
+            if errors or not all(t.done() for t in tasks):    # a failure, or we were cancelled
+                for t in tasks:
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if boot.done() and not boot.cancelled() and boot.exception() is None:
+                self.guest = boot.result()                    # stop() will stop it
+        if errors:
+            raise errors[0]
         self.agent = self.guest.agent
         self._watch = asyncio.ensure_future(self._watch_vm())
+        if net is not None:
+            from spinbox.shim.network.plan import guest_hostname
+            await net.connect(self.guest.vm, self.agent, guest_hostname(spec or {}))
 
     async def _watch_vm(self) -> None:
         # VM death = the QEMU process exit (not a channel EOF: virtio-serial may reconnect).
@@ -214,10 +240,14 @@ class VMSandbox(Sandbox):
             self._watch.cancel()
         for cid in list(self._handles):
             await self.unshare(cid)
-        if self.guest is not None:
-            await self.guest.stop()
-            self.guest = None
-        self.lost.set()
+        try:
+            if self.guest is not None:
+                await self.guest.stop()
+                self.guest = None
+        finally:
+            if self.network is not None:       # after QEMU is gone: it held the TAPs
+                await self.network.release()
+            self.lost.set()
 
 
 class SandboxHolder:
@@ -229,12 +259,13 @@ class SandboxHolder:
         self._lock = asyncio.Lock()
         self.on_started: list[Callable[[Sandbox], None]] = []
 
-    async def get(self) -> Sandbox:
+    async def get(self, spec: dict | None = None) -> Sandbox:
+        """`spec`: the OCI spec of the container asking (the first one decides the network)."""
         async with self._lock:
             if self.sandbox is None:
                 sb = self._factory()
                 try:
-                    await sb.start()
+                    await sb.start(spec)
                 except BaseException:
                     try:
                         await sb.stop()

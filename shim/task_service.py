@@ -33,6 +33,7 @@ from spinbox.api._pb.containerd.types.runc.options import oci_pb2
 from spinbox.api._pb.containerd.types.task import task_pb2
 
 from . import rootfs as rootfs_mod
+from .network.lifecycle import NetworkSetupError
 from . import spec as spec_mod
 from .process import Container, ExitInfo, ExitSequencer, Process, Status, StdioPaths
 from .sandbox import Sandbox, SandboxHolder
@@ -274,7 +275,10 @@ class TaskService:
                 raise ttrpc.FailedPrecondition(f"rootfs of {id}: {e}") from None
             undo.append(lambda: self._release_rootfs(c))
 
-            sb = await self.sandboxes.get()
+            try:
+                sb = await self.sandboxes.get(spec)
+            except NetworkSetupError as e:
+                raise ttrpc.FailedPrecondition(str(e)) from None
             undo.append(lambda: sb.unshare(id))
             guest_root = await sb.share_rootfs(id, c.rootfs.path)
             share_dirs: dict[str, bool] = {}
@@ -641,6 +645,7 @@ def build_services(server: ttrpc.Server, ctx) -> TaskService:
 
     from spinbox.shim import config as config_mod
     from spinbox.shim.guest import boot_guest
+    from spinbox.shim.network.lifecycle import NetworkSettings, SandboxNetworking
     from spinbox.shim.sandbox import VMSandbox
 
     def boot():
@@ -648,8 +653,13 @@ def build_services(server: ttrpc.Server, ctx) -> TaskService:
         ctx.state.record("vm", str(vm_dir), owner=ctx.group, path=str(vm_dir))
         return boot_guest(vm_dir, config_mod.vm_config(ctx.config), name=ctx.group)
 
+    def sandbox():
+        networking = SandboxNetworking(ctx.group, NetworkSettings.from_config(ctx.config),
+                                       state=ctx.state, owner=ctx.group)
+        return VMSandbox(ctx.group, boot, network=networking)
+
     runtime_ctx = SimpleNamespace(
-        sandbox_factory=lambda: VMSandbox(ctx.group, boot), publisher=ctx.publisher,
+        sandbox_factory=sandbox, publisher=ctx.publisher,
         namespace=ctx.namespace, state=ctx.state, request_exit=ctx.request_shutdown,
         agent_timeout=ctx.config.timeouts.agent_call_s)
     svc = register(server, runtime_ctx)

@@ -119,6 +119,8 @@ class Agent:
         self.drain_idle_timeout = drain_idle_timeout
         self.cgroup_parent = cgroup_parent
         self.containers: dict[str, Container] = {}
+        # container path → guest file that every later container sees (Network.Configure fills it)
+        self.sandbox_files: dict[str, str] = {}
         self._oom_task: asyncio.Task | None = None
         self._sock_seq = 0
         self._locks: dict[str, asyncio.Lock] = {}
@@ -276,7 +278,8 @@ class Agent:
                     raise InvalidArgument("create needs a rootfs path or rootfs mounts")
                 adapted, notes = _bundle.adapt_spec(parsed, id, rootfs, terminal=terminal,
                                                     readonly=readonly or None,
-                                                    cgroup_parent=self.cgroup_parent)
+                                                    cgroup_parent=self.cgroup_parent,
+                                                    sandbox_files=self.sandbox_files)
                 for n in notes:
                     debug(f"{id}: {n}")
                 _bundle.write_json(bdir / "config.json", adapted)

@@ -37,9 +37,13 @@ def parse_spec(raw: bytes, what: str = "OCI spec") -> dict[str, Any]:
 
 def adapt_spec(spec: dict[str, Any], container_id: str, rootfs: str, *, terminal: bool,
                readonly: bool | None = None, guest_root: str = "/",
-               cgroup_parent: str = CGROUP_PARENT) -> tuple[dict[str, Any], list[str]]:
+               cgroup_parent: str = CGROUP_PARENT,
+               sandbox_files: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Return (adapted spec, notes about what was changed). `guest_root` lets tests check bind
-    sources against a different root."""
+    sources against a different root. `sandbox_files` (container path → guest file, what
+    Network.Configure wrote: /etc/resolv.conf, /etc/hosts) are bind-mounted read-only where the
+    spec does not mount something there itself. The hostname is left as the spec says: the
+    container has its own UTS namespace."""
     s = copy.deepcopy(spec)
     notes: list[str] = []
     if not isinstance(s.get("process"), dict) or not s["process"].get("args"):
@@ -85,7 +89,37 @@ def adapt_spec(spec: dict[str, Any], container_id: str, rootfs: str, *, terminal
                 raise InvalidArgument(
                     f"bind mount {src!r} -> {m.get('destination')!r} does not exist in the guest; "
                     "the host must share it into the VM first")
+    if sandbox_files:
+        _bind_sandbox_files(s, sandbox_files, notes)
     return s, notes
+
+
+def _exists_in_rootfs(rootfs: str, path: str, hops: int = 8) -> bool:
+    """Does `path` exist in the container's rootfs, following a symlink in its last component as
+    runc would (inside the rootfs)?"""
+    for _ in range(hops):
+        full = os.path.join(rootfs, path.lstrip("/"))
+        if not os.path.islink(full):
+            return os.path.exists(full)
+        target = os.readlink(full)
+        path = target if target.startswith("/") else os.path.join(os.path.dirname(path), target)
+    return False
+
+
+def _bind_sandbox_files(s: dict[str, Any], files: dict[str, str], notes: list[str]) -> None:
+    mounts = s.setdefault("mounts", [])
+    taken = {os.path.normpath(d) for m in mounts
+             if isinstance(m, dict) and isinstance(d := m.get("destination"), str) and d}
+    for dest, source in sorted(files.items()):
+        if dest in taken:
+            notes.append(f"{dest}: the spec mounts its own, not the sandbox's")
+            continue
+        if s["root"].get("readonly") and not _exists_in_rootfs(s["root"]["path"], dest):
+            # runc would have to create the mount point in a read-only rootfs and fail.
+            notes.append(f"{dest}: not bind-mounted, the read-only rootfs has no file there")
+            continue
+        mounts.append({"destination": dest, "type": "bind", "source": source,
+                       "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
 
 
 def adapt_process(process: dict[str, Any], *, terminal: bool) -> dict[str, Any]:

@@ -4,10 +4,10 @@ The host hot-plugs one virtio-net NIC per sandbox interface, each with that inte
 Configure finds the NICs by MAC (waiting for hot-plugged ones to appear), renames them, sets MTU,
 addresses and routes, brings up lo, and writes /etc/resolv.conf, /etc/hosts and the hostname.
 
-Links are configured with the `ip` applet of the guest's busybox (pyroute2 is not in the guest
-image, and a few execs cost less than shipping it); the commands are also valid iproute2, so the
-same code is tested on the host inside a netns. Everything the host sends is validated first:
-the guest trusts nothing from outside either.
+Links are configured over rtnetlink by vminitd.netlink (stdlib only: pyroute2 is not in the guest
+image and an exec of busybox `ip` per step costs more); the same code is tested on the host
+inside a netns. Everything the host sends is validated first: the guest trusts nothing from
+outside either.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
 from .errors import AgentError, InvalidArgument, NotFound
 from .ids import validate_hostname
 
-IP_CMD = ("ip",)
 SYS_CLASS_NET = "/sys/class/net"
 ETC = "/etc"
 DEFAULT_LINK_TIMEOUT_MS = 10_000
@@ -39,7 +38,8 @@ _OPTION_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 class NetworkError(AgentError):
-    """A configuration step failed inside the guest (message carries the command's error)."""
+    """A configuration step failed inside the guest (message names the step, the link and the
+    kernel's errno text)."""
 
 
 @dataclass(frozen=True)
@@ -220,77 +220,110 @@ async def wait_for_links(macs: list[str], timeout_s: float, sys_class_net: str =
         delay = min(delay * 2, 0.1)
 
 
-class IPRunner:
-    def __init__(self, ip_cmd: tuple[str, ...] = IP_CMD) -> None:
-        self.ip_cmd = tuple(ip_cmd)
-        self.log: list[list[str]] = []
-
-    async def __call__(self, *args: str) -> str:
-        argv = [*self.ip_cmd, *args]
-        self.log.append(argv)
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
-        if proc.returncode != 0:
-            raise NetworkError(f"`{' '.join(argv)}` failed (exit {proc.returncode}): "
-                               f"{err.decode(errors='replace').strip() or out.decode(errors='replace').strip()}")
-        return out.decode(errors="replace")
+def _index(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise NotFound(f"network interface {name} vanished during configuration") from None
 
 
-def _family(v: int) -> tuple[str, str]:
-    return ("-f", "inet6" if v == 6 else "inet")
+def _park_names(count: int) -> list[str]:
+    """Temporary names no link has: a failed earlier Configure may have left some in use."""
+    taken = {name for _, name in socket.if_nameindex()}
+    names, n = [], 0
+    while len(names) < count:
+        if f"sbxtmp{n}" not in taken:
+            names.append(f"sbxtmp{n}")
+        n += 1
+    return names
 
 
-async def configure_link(ip: IPRunner, current: str, spec: InterfaceSpec) -> str:
+def _sync_addresses(nl, index: int, name: str, wanted: list) -> None:
+    """Make the link's global addresses of each wanted family exactly `wanted`: delete the others,
+    add the missing. A retried Configure then changes nothing (no window without the address)."""
+    from .netlink import RT_SCOPE_UNIVERSE, family
+    for v in sorted({a.version for a in wanted}):
+        mine = [a for a in wanted if a.version == v]
+        present = set()
+        for a in nl.addrs(family(v), index):
+            if a.scope != RT_SCOPE_UNIVERSE:
+                continue                        # link-local and host addresses stay
+            if a.interface in mine and not a.has_peer:
+                present.add(a.interface)
+            else:
+                nl.del_addr(a, f"delete address {a.interface} from {name}")
+        for a in mine:
+            if a not in present:
+                nl.add_addr(index, a, f"add address {a.with_prefixlen} to {name}")
+
+
+def configure_link(nl, current: str, spec: InterfaceSpec) -> str:
+    """Rename, MTU, addresses, up, routes of one link over rtnetlink; returns its final name."""
+    index = _index(current)
     name = current
-    if spec.name and spec.name != current:   # a clash with another link: `ip` says so
-        await ip("link", "set", "dev", current, "down")
-        await ip("link", "set", "dev", current, "name", spec.name)
+    if spec.name and spec.name != current:   # a clash with another link: the kernel says so
+        nl.set_link(index, up=False, label=f"set link {current} down")
+        nl.set_link(index, name=spec.name, label=f"rename link {current} (MAC {spec.mac}) to {spec.name}")
         name = spec.name
     if spec.mtu:
-        await ip("link", "set", "dev", name, "mtu", str(spec.mtu))
-    # Idempotent: a retried Configure must not fail on "File exists".
-    for v in (4, 6):
-        if any(a.version == v for a in spec.addresses):
-            await ip(*_family(v), "addr", "flush", "dev", name, "scope", "global")
-    for a in spec.addresses:
-        await ip(*_family(a.version), "addr", "add", a.with_prefixlen, "dev", name)
-    await ip("link", "set", "dev", name, "up")
+        nl.set_link(index, mtu=spec.mtu, label=f"set MTU {spec.mtu} on {name}")
+    _sync_addresses(nl, index, name, spec.addresses)
+    nl.set_link(index, up=True, label=f"set link {name} up")
     for r in sorted(spec.routes, key=lambda r: r.gateway is not None):   # on-link first
-        dst = "default" if r.dst.prefixlen == 0 else r.dst.with_prefixlen
-        args = [*_family(r.dst.version), "route", "replace", dst]
-        if r.gateway is not None:
-            args += ["via", str(r.gateway)]
-        args += ["dev", name]
-        if r.metric:
-            args += ["metric", str(r.metric)]
-        await ip(*args)
+        via = f" via {r.gateway}" if r.gateway is not None else ""
+        metric = f" metric {r.metric}" if r.metric else ""
+        nl.replace_route(r.dst, r.gateway, index, r.metric, f"replace route {r.dst}{via} dev {name}{metric}")
     return name
 
 
-async def configure(plan: NetworkPlan, ip_cmd: tuple[str, ...] = IP_CMD, etc_dir: str = ETC,
-                    sys_class_net: str = SYS_CLASS_NET, set_hostname: bool = True) -> dict[str, str]:
-    """Apply the plan; returns mac → final link name."""
-    ip = IPRunner(ip_cmd)
-    await ip("link", "set", "dev", "lo", "up")
-    current = await wait_for_links([i.mac for i in plan.interfaces], plan.link_timeout_s, sys_class_net)
-    # Renames could collide with each other's old names (eth0↔eth1): park them first.
-    renames = [i for i in plan.interfaces if i.name and i.name != current[i.mac]]
-    for n, spec in enumerate(renames):
-        tmp = f"sbxtmp{n}"
-        await ip("link", "set", "dev", current[spec.mac], "down")
-        await ip("link", "set", "dev", current[spec.mac], "name", tmp)
-        current[spec.mac] = tmp
-    result = {}
-    for spec in plan.interfaces:
-        result[spec.mac] = await configure_link(ip, current[spec.mac], spec)
+def configure_links(plan: NetworkPlan, current: dict[str, str]) -> dict[str, str]:
+    """lo up, then every interface (current: mac → present name); returns mac → final name."""
+    from . import netlink   # lazily: vminitd's start does not pay for it
+    try:
+        with netlink.RtnlSocket() as nl:
+            nl.set_link(_index("lo"), up=True, label="set link lo up")
+            # Renames could collide with each other's old names (eth0↔eth1): park them first.
+            renames = [i for i in plan.interfaces if i.name and i.name != current[i.mac]]
+            for spec, tmp in zip(renames, _park_names(len(renames))):
+                index = _index(current[spec.mac])
+                nl.set_link(index, up=False, label=f"set link {current[spec.mac]} down")
+                nl.set_link(index, name=tmp, label=f"rename link {current[spec.mac]} to {tmp}")
+                current[spec.mac] = tmp
+            return {spec.mac: configure_link(nl, current[spec.mac], spec) for spec in plan.interfaces}
+    except netlink.NetlinkError as e:
+        raise NetworkError(str(e)) from None
+    except netlink.NetlinkParseError as e:
+        raise NetworkError(f"bad reply from the kernel: {e}") from None
+    except OSError as e:   # the socket itself (no rtnetlink, no CAP_NET_ADMIN for bind, ...)
+        raise NetworkError(f"rtnetlink: {e}") from None
+
+
+def write_files(plan: NetworkPlan, etc_dir: str = ETC, set_hostname: bool = True) -> dict[str, str]:
+    """Write resolv.conf/hosts (atomically) and set the hostname; returns what containers should
+    see: {"/etc/resolv.conf": guest path, "/etc/hosts": guest path} for the files written."""
     etc = Path(etc_dir)
+    written = {}
     if plan.has_dns:
         _write_atomic(etc / "resolv.conf", render_resolv_conf(plan))
+        written["/etc/resolv.conf"] = str(etc / "resolv.conf")
     if plan.hostname or plan.hosts or plan.interfaces:
         _write_atomic(etc / "hosts", render_hosts(plan))
+        written["/etc/hosts"] = str(etc / "hosts")
     if plan.hostname and set_hostname:
         socket.sethostname(plan.hostname)
+    return written
+
+
+async def configure(plan: NetworkPlan, etc_dir: str = ETC, sys_class_net: str = SYS_CLASS_NET,
+                    set_hostname: bool = True, published: dict[str, str] | None = None) -> dict[str, str]:
+    """Apply the plan; returns mac → final link name. `published` (container path → guest file)
+    gets the files written, for the bundles of containers created later."""
+    current = await wait_for_links([i.mac for i in plan.interfaces], plan.link_timeout_s, sys_class_net)
+    # rtnetlink answers synchronously in microseconds: no need to leave the event loop.
+    result = configure_links(plan, current)
+    written = write_files(plan, etc_dir, set_hostname)
+    if published is not None:
+        published.update(written)
     return result
 
 
@@ -299,17 +332,19 @@ async def configure(plan: NetworkPlan, ip_cmd: tuple[str, ...] = IP_CMD, etc_dir
 
 class NetworkService:
     """spinbox.agent.v1.Network: one call, serialized (two concurrent Configures would race on
-    link names)."""
+    link names). The files it writes are published in `agent.sandbox_files` so that containers
+    created afterwards get them bind-mounted (see bundle.adapt_spec)."""
 
-    def __init__(self, agent=None, ip_cmd: tuple[str, ...] = IP_CMD, etc_dir: str = ETC,
-                 sys_class_net: str = SYS_CLASS_NET, set_hostname: bool = True) -> None:
+    def __init__(self, agent=None, etc_dir: str = ETC, sys_class_net: str = SYS_CLASS_NET,
+                 set_hostname: bool = True) -> None:
         self.agent = agent
-        self.ip_cmd, self.etc_dir, self.sys_class_net = ip_cmd, etc_dir, sys_class_net
+        self.etc_dir, self.sys_class_net = etc_dir, sys_class_net
         self.set_hostname = set_hostname
+        self.published: dict[str, str] = agent.sandbox_files if agent is not None else {}
         self._lock = asyncio.Lock()
 
     async def Configure(self, req):
         plan = parse_request(req)
         async with self._lock:
-            names = await configure(plan, self.ip_cmd, self.etc_dir, self.sys_class_net, self.set_hostname)
+            names = await configure(plan, self.etc_dir, self.sys_class_net, self.set_hostname, self.published)
         return npb.ConfigureResponse(interfaces=[npb.ConfiguredInterface(mac=m, name=n) for m, n in names.items()])

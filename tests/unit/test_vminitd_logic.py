@@ -244,3 +244,56 @@ def test_oom_kill_count_reads_v2_memory_events(tmp_path):
     (d / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n")
     assert cgroups.oom_kill_count("/spinbox/c1", str(tmp_path)) == 2
     assert cgroups.oom_kill_count("/spinbox/none", str(tmp_path)) == 0
+
+
+SANDBOX_FILES = {"/etc/resolv.conf": "/etc/resolv.conf", "/etc/hosts": "/etc/hosts"}
+
+
+def test_adapt_spec_binds_sandbox_dns_and_hosts():
+    out, _ = bundle.adapt_spec(_spec(), "c1", "/r", terminal=False, sandbox_files=SANDBOX_FILES)
+    binds = {m["destination"]: m for m in out["mounts"] if m["type"] == "bind"}
+    assert set(binds) == {"/etc/resolv.conf", "/etc/hosts"}
+    assert binds["/etc/hosts"]["source"] == "/etc/hosts" and "ro" in binds["/etc/hosts"]["options"]
+    assert out["mounts"][0]["destination"] == "/proc"                 # appended after the spec's own
+    assert "hostname" not in out                                    # never invented (own UTS ns)
+    plain, _ = bundle.adapt_spec(_spec(), "c1", "/r", terminal=False, sandbox_files={})
+    assert [m["destination"] for m in plain["mounts"]] == ["/proc"]   # before Configure: nothing
+
+
+def test_adapt_spec_keeps_the_specs_own_resolv_conf(tmp_path):
+    (tmp_path / "cri").mkdir()
+    cri = {"destination": "/etc/resolv.conf/", "type": "bind", "source": "/cri/resolv.conf",
+           "options": ["rbind", "ro"]}
+    (tmp_path / "cri" / "resolv.conf").write_text("nameserver 1.1.1.1\n")
+    spec = _spec(mounts=[cri], hostname="pod-a")
+    out, notes = bundle.adapt_spec(spec, "c1", "/r", terminal=False, guest_root=str(tmp_path),
+                                   sandbox_files=SANDBOX_FILES)
+    dests = [(m["destination"], m["source"]) for m in out["mounts"]]
+    assert dests == [("/etc/resolv.conf/", "/cri/resolv.conf"), ("/etc/hosts", "/etc/hosts")]
+    assert any("/etc/resolv.conf: the spec mounts its own" in n for n in notes)
+    assert out["hostname"] == "pod-a"
+
+
+def test_adapt_spec_read_only_rootfs_needs_the_mount_point(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "hosts").write_text("")
+    out, notes = bundle.adapt_spec(_spec(), "c1", str(rootfs), terminal=False, readonly=True,
+                                   sandbox_files=SANDBOX_FILES)
+    assert [m["destination"] for m in out["mounts"]] == ["/proc", "/etc/hosts"]
+    assert any("/etc/resolv.conf: not bind-mounted, the read-only rootfs" in n for n in notes)
+    # a symlink is followed inside the rootfs, as runc does (an absolute one too)
+    (rootfs / "run").mkdir()
+    (rootfs / "run" / "resolv.conf").write_text("")
+    (rootfs / "etc" / "resolv.conf").symlink_to("/run/resolv.conf")
+    out, _ = bundle.adapt_spec(_spec(), "c1", str(rootfs), terminal=False, readonly=True,
+                               sandbox_files=SANDBOX_FILES)
+    assert "/etc/resolv.conf" in [m["destination"] for m in out["mounts"]]
+    (rootfs / "run" / "resolv.conf").unlink()                      # dangling: runc would create it
+    out, _ = bundle.adapt_spec(_spec(), "c1", str(rootfs), terminal=False, readonly=True,
+                               sandbox_files=SANDBOX_FILES)
+    assert "/etc/resolv.conf" not in [m["destination"] for m in out["mounts"]]
+    # a writable rootfs: runc creates the mount point
+    out, _ = bundle.adapt_spec(_spec(), "c1", str(tmp_path / "empty"), terminal=False,
+                               sandbox_files=SANDBOX_FILES)
+    assert {"/etc/resolv.conf", "/etc/hosts"} <= {m["destination"] for m in out["mounts"]}

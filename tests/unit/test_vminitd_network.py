@@ -79,3 +79,27 @@ async def test_wait_for_links_names_missing_mac(tmp_path):
     assert await gnet.wait_for_links(["02:00:00:00:00:01"], 0.01, str(tmp_path)) == {"02:00:00:00:00:01": "eth0"}
     with pytest.raises(NotFound, match="02:00:00:00:00:02.*present: 02:00:00:00:00:01"):
         await gnet.wait_for_links(["02:00:00:00:00:02"], 0.05, str(tmp_path))
+
+
+def test_write_files_reports_what_containers_should_see(tmp_path):
+    plan = gnet.parse_request(req())
+    written = gnet.write_files(plan, str(tmp_path), set_hostname=False)
+    assert written == {"/etc/resolv.conf": str(tmp_path / "resolv.conf"), "/etc/hosts": str(tmp_path / "hosts")}
+    assert (tmp_path / "resolv.conf").read_text() == gnet.render_resolv_conf(plan)
+    assert oct((tmp_path / "hosts").stat().st_mode & 0o777) == "0o644"
+    # no DNS in the request: resolv.conf is neither written nor published
+    other = tmp_path / "other"
+    other.mkdir()
+    bare = gnet.write_files(gnet.parse_request(npb.ConfigureRequest(hostname="solo")), str(other), set_hostname=False)
+    assert bare == {"/etc/hosts": str(other / "hosts")} and not (other / "resolv.conf").exists()
+    assert gnet.write_files(gnet.parse_request(npb.ConfigureRequest()), str(other), set_hostname=False) == {}
+
+
+def test_service_publishes_into_the_agent(tmp_path):
+    """What Configure writes reaches the bundles of later containers through the agent."""
+    from spinbox.vminitd.agent import Agent
+    from spinbox.vminitd.reaper import Reaper
+    agent = Agent(tmp_path / "state", Reaper())
+    svc = gnet.NetworkService(agent, etc_dir=str(tmp_path))
+    assert agent.sandbox_files == {} and svc.published is agent.sandbox_files
+    assert gnet.NetworkService().published == {}                 # no agent: its own, for tests

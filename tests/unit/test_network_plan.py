@@ -1,0 +1,113 @@
+"""Which network a sandbox gets (shim/network/plan.py) and the state record's releaser guard."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spinbox.shim.network import cni, plan
+from spinbox.shim.network.lifecycle import NetworkSetupError, NetworkSettings, SandboxNetworking, release_record
+
+ANN = plan.ANNOTATION
+
+
+def spec(netns: dict | None = {"type": "network"}, **ann: str) -> dict:
+    namespaces = [{"type": "pid"}, {"type": "mount"}] + ([netns] if netns is not None else [])
+    return {"linux": {"namespaces": namespaces}, "annotations": dict(ann)}
+
+
+def test_ctr_run_new_netns_means_the_shim_runs_cni():
+    c = plan.choose(spec())
+    assert (c.mode, c.network, c.required) == ("cni", "", False)
+
+
+def test_cri_netns_path_means_existing():
+    c = plan.choose(spec({"type": "network", "path": "/var/run/netns/cni-1234"}))
+    assert (c.mode, c.netns_path) == ("existing", "/var/run/netns/cni-1234")
+
+
+def test_relative_netns_path_is_refused():
+    with pytest.raises(plan.PlanError, match="not an absolute path"):
+        plan.choose(spec({"type": "network", "path": "netns/x"}))
+
+
+def test_host_network_request_gets_the_sandbox_network_with_a_reason():
+    c = plan.choose(spec(None))
+    assert c.mode == "cni" and "host network" in c.reason
+
+
+def test_disabled_in_config_wins_over_everything():
+    assert plan.choose(spec({"type": "network", "path": "/run/netns/x"}), enabled=False).mode == "none"
+    assert plan.choose(spec(**{ANN: "cni:foo"}), enabled=False).mode == "none"
+
+
+@pytest.mark.parametrize("value,mode,network,required", [
+    ("none", "none", "", False),
+    ("cni", "cni", "", False),
+    ("cni:mynet", "cni", "mynet", True),
+    (" none ", "none", "", False),
+])
+def test_annotation(value, mode, network, required):
+    c = plan.choose(spec(**{ANN: value}))
+    assert (c.mode, c.network, c.required) == (mode, network, required)
+
+
+def test_config_network_name_makes_it_required():
+    c = plan.choose(spec(), network="corp")
+    assert (c.network, c.required) == ("corp", True)
+
+
+@pytest.mark.parametrize("value,match", [("bridge", "want none, cni"), ("cni:", "not a CNI network name"),
+                                         ("cni:a/b", "not a CNI network name")])
+def test_bad_annotation_names_the_annotation(value, match):
+    with pytest.raises(plan.PlanError, match=match) as e:
+        plan.choose(spec(**{ANN: value}))
+    assert ANN in str(e.value)
+
+
+def _conflist(name: str) -> str:
+    return json.dumps({"cniVersion": "1.0.0", "name": name, "plugins": [{"type": "loopback"}]})
+
+
+def test_resolve_without_any_config_falls_back_to_loopback(tmp_path):
+    c, conf = plan.resolve(plan.choose(spec()), str(tmp_path / "missing"))
+    assert c.mode == "none" and conf is None and "loopback only" in c.reason
+
+
+def test_resolve_named_network_missing_is_an_error(tmp_path):
+    with pytest.raises(cni.ConfigError, match="no CNI network config"):
+        plan.resolve(plan.choose(spec(**{ANN: "cni:x"})), str(tmp_path))
+    (tmp_path / "10-a.conflist").write_text(_conflist("a"))
+    with pytest.raises(cni.ConfigError, match=r"no CNI network named .x. .*found: a"):
+        plan.resolve(plan.choose(spec(**{ANN: "cni:x"})), str(tmp_path))
+
+
+def test_resolve_loads_first_or_named(tmp_path):
+    (tmp_path / "10-a.conflist").write_text(_conflist("a"))
+    (tmp_path / "20-b.conflist").write_text(_conflist("b"))
+    _, conf = plan.resolve(plan.choose(spec()), str(tmp_path))
+    assert conf.name == "a"
+    _, conf = plan.resolve(plan.choose(spec(**{ANN: "cni:b"})), str(tmp_path))
+    assert conf.name == "b"
+
+
+def test_decide_wraps_errors_with_the_sandbox_and_the_file(tmp_path):
+    (tmp_path / "10-broken.conflist").write_text('{"cniVersion": ')
+    n = SandboxNetworking("sb1", NetworkSettings(conf_dir=str(tmp_path)))
+    with pytest.raises(NetworkSetupError, match=r"sandbox sb1.*10-broken.conflist"):
+        n.decide(spec())
+
+
+def test_decide_none_needs_nothing(tmp_path):
+    n = SandboxNetworking("sb1", NetworkSettings(conf_dir=str(tmp_path)))
+    assert n.decide(spec(**{ANN: "none"})).mode == "none"
+
+
+def test_release_record_without_a_netns_does_nothing():
+    assert release_record({"kind": "network", "key": "x"}) == "network: nothing recorded"
+
+
+@pytest.mark.parametrize("name,want", [("web-1", "web-1"), ("a.b.c", "a.b.c"), ("under_score", ""),
+                                       ("-x", ""), ("", ""), ("x" * 64, ""), (7, "")])
+def test_guest_hostname_only_when_valid(name, want):
+    assert plan.guest_hostname({"hostname": name}) == want
