@@ -13,7 +13,10 @@ rules). What is proven, one test each:
   * `io.containerd.spinbox.v1.network=none` gives loopback only;
   * a broken conflist, a missing plugin and a plugin error each fail the create with the
     plugin's (or parser's) message, and leave nothing behind;
-  * a SIGKILLed shim: `ctr task rm` (the shim's `delete`) still releases netns and IP lease.
+  * a SIGKILLed shim (the shim's `delete` from persisted state) or a SIGKILLed QEMU: netns, TAP,
+    veth and IP lease are still released;
+  * CRI style: a pod netns CNI already configured (`--with-ns network:<path>`) is plumbed as it
+    is, with no second ADD, and left as it was (no TAP, no tc filter) when the sandbox ends.
 After the suite: no netns, TAP, veth or IPAM allocation of ours is left, no cached CNI result.
 """
 from __future__ import annotations
@@ -413,3 +416,20 @@ def test_cri_style_existing_netns_is_plumbed_without_running_cni_again(nenv):
         finally:
             sh("ip", "netns", "del", ns_name, check=False)
     assert net.leases() == []
+
+
+def test_killed_qemu_releases_the_network(nenv):
+    net = nenv.net
+    id = uid("qk")
+    start(nenv, id, "sleep", "600")
+    try:
+        ip = container_ipv4(nenv, id)
+        assert ip in net.leases()
+        qemu = nenv.qemu_pids(id)
+        assert len(qemu) == 1, qemu
+        os.kill(qemu[0], signal.SIGKILL)
+        wait_until(lambda: nenv.tasks().get(id) in (None, "STOPPED"), 60, "the task to stop")
+    finally:
+        stop(nenv, id)
+    wait_until(lambda: not net_leftovers(nenv, net, [id]), 60,
+               lambda: f"network of {id} released after QEMU died: {net_leftovers(nenv, net, [id])}")

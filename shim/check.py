@@ -85,6 +85,14 @@ def check_kvm(r: Report) -> None:
         r.add(WARN, "kvm", f"not usable: {why}; guests run under TCG (slower)")
 
 
+def check_vhost_net(r: Report) -> None:
+    usable, why = accel_mod.vhost_net_status()
+    if usable:
+        r.add(OK, "vhost-net", f"available: {why}; sandbox NICs use the in-kernel backend")
+    else:
+        r.add(WARN, "vhost-net", f"not available: {why}; sandbox NICs use QEMU's userspace virtio-net")
+
+
 def check_vsock(r: Report) -> None:
     usable, why = accel_mod.vsock_status()
     if usable:
@@ -241,6 +249,7 @@ def run_check(argv: list[str] | None = None) -> int:
     qemu_ok = check_qemu(r)
     check_kvm(r)
     check_vsock(r)
+    check_vhost_net(r)
     files_ok = check_guest_files(r, share)
     check_virtiofsd(r)
     check_containerd(r)

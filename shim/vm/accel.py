@@ -97,11 +97,20 @@ def select_accel(requested: str = "auto", **roots: object) -> Choice:
 
 def vsock_status(dev_root: str | Path = "/dev") -> tuple[bool, str]:
     """(usable, reason): can QEMU's vhost-vsock-pci get a backend here?"""
-    dev = Path(dev_root) / "vhost-vsock"
+    return _vhost_status("vhost-vsock", dev_root)
+
+
+def vhost_net_status(dev_root: str | Path = "/dev") -> tuple[bool, str]:
+    """(usable, reason): can a tap netdev use vhost=on (in-kernel virtio-net backend)?"""
+    return _vhost_status("vhost-net", dev_root)
+
+
+def _vhost_status(name: str, dev_root: str | Path) -> tuple[bool, str]:
+    dev = Path(dev_root) / name
     try:
         fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False, f"{dev} does not exist (no vhost_vsock in the host kernel)"
+        return False, f"{dev} does not exist (no {name.replace('-', '_')} in the host kernel)"
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM):
             return False, f"{dev} is not accessible: {os.strerror(e.errno)}"

@@ -317,10 +317,15 @@ def _check_mac(mac: str) -> str:
     return mac.lower()
 
 
-async def add_tap_nic(vm: VM, tap_fd: int, mac: str) -> NICHandle:
+async def add_tap_nic(vm: VM, tap_fd: int, mac: str, *, vhost: bool | None = None) -> NICHandle:
     """Hand an open TAP fd (opened in the sandbox netns) to QEMU over SCM_RIGHTS and hot-plug a
-    virtio-net on it. The caller keeps and closes its own copy of the fd."""
+    virtio-net on it. The caller keeps and closes its own copy of the fd. `vhost` None: on
+    where /dev/vhost-net can be opened (QEMU opens it itself), off elsewhere (environment.md:
+    this host has none, and vhost=on would make netdev_add fail)."""
     mac = _check_mac(mac)
+    if vhost is None:
+        from .accel import vhost_net_status
+        vhost = vhost_net_status()[0]
     dev_id = _next_id("nic")
     fdname, netdev_id = f"{dev_id}-fd", f"{dev_id}-net"
     port = _take_port(vm)
@@ -329,8 +334,7 @@ async def add_tap_nic(vm: VM, tap_fd: int, mac: str) -> NICHandle:
             vm.qmp.send_fd_scm(tap_fd)
             await vm.execute("getfd", {"fdname": fdname})
         try:
-            # no /dev/vhost-net on these hosts (environment.md): vhost off
-            await vm.execute("netdev_add", {"type": "tap", "id": netdev_id, "fd": fdname, "vhost": False})
+            await vm.execute("netdev_add", {"type": "tap", "id": netdev_id, "fd": fdname, "vhost": vhost})
         except BaseException:
             with contextlib.suppress(Exception):
                 await vm.execute("closefd", {"fdname": fdname})

@@ -94,6 +94,13 @@ def test_transport(tmp_path):
     assert accel.select_transport("virtio-serial", tmp_path).value == "virtio-serial"
 
 
+def test_vhost_net_only_where_the_device_opens(tmp_path):
+    ok, why = accel.vhost_net_status(tmp_path)
+    assert not ok and "vhost-net" in why and "does not exist" in why
+    (tmp_path / "vhost-net").write_bytes(b"")
+    assert accel.vhost_net_status(tmp_path) == (True, f"{tmp_path / 'vhost-net'} usable")
+
+
 # ------------------------------------------------------------------------------ CID allocator
 
 def test_cid_allocation_and_release(tmp_path):

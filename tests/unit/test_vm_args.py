@@ -164,7 +164,7 @@ def test_commas_in_paths_are_escaped(files, tmp_path):
 def test_cmdline_order_base_image_extras(files):
     c = cfg(files, image_cmdline="rdinit=/init spinbox.root=serial:spinbox-root", cmdline_extra=["loglevel=7"])
     line = kernel_cmdline(c, TCG_SERIAL).split()
-    assert line[:4] == ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
+    assert line[:5] == ["console=ttyS0", "quiet", "panic=-1", "reboot=t", "no_timer_check"]
     assert "spinbox.transport=virtio-serial" in line
     assert line.index("rdinit=/init") < line.index("loglevel=7")  # extras last: they win
     assert "memhp_default_state=online_movable" not in line  # no hot-plug room: not needed
