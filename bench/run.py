@@ -84,7 +84,9 @@ def main() -> int:
             out += [f"## {name}", "", f"Not measured: {type(e).__name__}: {e}", ""]
             print(f"bench: {name} failed: {e}", file=sys.stderr)
             continue
-        out += [f"## {title}", "", *rows, "", *notes, ""]
+        out += [f"## {title}", "", *rows, ""]
+        for note in notes:          # one paragraph each (markdown would merge adjacent lines)
+            out += [note, ""]
         print("\n".join(rows))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(out).rstrip() + "\n")

@@ -354,17 +354,16 @@ class AgentClient:
 
     async def _connect(self) -> None:
         reader, writer = await _open(self.address)
-        client = ttrpc.Client(reader, writer, stream_buffer_messages=STREAM_BUFFER_MESSAGES)
         # Stream ids continue across connections: on virtio-serial, frames the guest wrote for
         # the previous connection may still arrive on this one, and must not match a new call.
-        # (ttrpc.Client has no public knob for its first id.)
-        client._next_id = max(client._next_id, self._next_stream_id)  # noqa: SLF001
+        client = ttrpc.Client(reader, writer, stream_buffer_messages=STREAM_BUFFER_MESSAGES,
+                              first_stream_id=self._next_stream_id)
         self._install(client)
 
     def _install(self, client: ttrpc.Client | None) -> None:
         old = self._client
         if old is not None:
-            self._next_stream_id = max(self._next_stream_id, old._next_id)  # noqa: SLF001
+            self._next_stream_id = max(self._next_stream_id, old.next_stream_id)
         self._client = client
         if client is not None:
             self._gen += 1

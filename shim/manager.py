@@ -193,17 +193,9 @@ class StartInput:
 
 
 def _socket_dir_field(params: Any) -> str | None:
-    """BootstrapParams field 9 `optional string socket_dir` (2.3+): our generated proto predates
-    it, so it arrives as an unknown field."""
-    from google.protobuf.unknown_fields import UnknownFieldSet
-
-    for f in UnknownFieldSet(params):
-        if f.field_number == 9 and f.wire_type == 2:
-            try:
-                return bytes(f.data).decode()
-            except UnicodeDecodeError:
-                return None
-    return None
+    """BootstrapParams field 9 `optional string socket_dir` (2.3+); None when containerd did
+    not set it (an older 2.x, or the default)."""
+    return params.socket_dir if params.HasField("socket_dir") else None
 
 
 def classify_stdin(data: bytes, task_id: str, namespace: str) -> StartInput:

@@ -38,11 +38,16 @@ class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  stream_buffer_messages: int = DEFAULT_BUFFER_MESSAGES,
                  stream_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-                 max_data: int = MAX_DATA) -> None:
+                 max_data: int = MAX_DATA, first_stream_id: int = 1) -> None:
+        # first_stream_id: a client that reconnects over a byte stream that may still deliver
+        # the old connection's frames (virtio-serial) continues its ids, so no stale response
+        # can match a new call. Client-initiated ids are odd.
+        if first_stream_id < 1 or first_stream_id % 2 == 0 or first_stream_id > MAX_STREAM_ID:
+            raise ValueError(f"first_stream_id must be odd and in 1..{MAX_STREAM_ID} (got {first_stream_id})")
         self._channel = Channel(reader, writer, max_data=max_data)
         self.stream_buffer_messages = stream_buffer_messages
         self.stream_buffer_bytes = stream_buffer_bytes
-        self._next_id = 1
+        self._next_id = first_stream_id
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._streams: dict[int, ClientStream] = {}
         self._closed_error: TTRPCError | None = None
@@ -158,6 +163,11 @@ class Client:
                     self._streams.pop(sid, None)
                 return
         log.debug("ttrpc: dropping frame type %d for unknown stream %d", event.type, sid)
+
+    @property
+    def next_stream_id(self) -> int:
+        """The id the next call or stream will get (for a successor client's first_stream_id)."""
+        return self._next_id
 
     # -- sending ---------------------------------------------------------------------------
 

@@ -98,6 +98,10 @@ class SandboxNetworking:
             raise NetworkSetupError(f"network for sandbox {self.sandbox_id}: {e}") from None
         self.choice = choice
         log.info("sandbox %s network: %s (%s)", self.sandbox_id, choice.mode, choice.reason)
+        if choice.mode != "none" and self.state is not None:
+            # Recorded before the VM is: cleanup runs newest first, so after a crash QEMU (which
+            # holds the TAPs) is gone before the network is released. Filled in by prepare.
+            self.state.record(RECORD_KIND, self.sandbox_id, owner=self.owner, release=RELEASER, net=None)
         return choice
 
     # -- host side -----------------------------------------------------------------------
@@ -149,6 +153,7 @@ class SandboxNetworking:
             except Exception as e:
                 log.error("sandbox %s: undoing a failed network setup: %s", self.sandbox_id, e)
                 return
+        self._recorded = None
         self._forget()
 
     # -- guest side ----------------------------------------------------------------------
@@ -191,9 +196,11 @@ class SandboxNetworking:
         Idempotent. A failure keeps the record, so `delete` retries."""
         net, self.net = self.net, None
         self._nics.clear()
-        if net is None:
-            return
-        await self.settings.manager().teardown(net)
+        if net is not None:
+            await self.settings.manager().teardown(net)
+        elif self._recorded is not None:          # a failed prepare whose undo failed: retry
+            await self.settings.manager().teardown(self._recorded)
+        self._recorded = None
         self._forget()
 
 

@@ -111,3 +111,23 @@ def test_release_record_without_a_netns_does_nothing():
                                        ("-x", ""), ("", ""), ("x" * 64, ""), (7, "")])
 def test_guest_hostname_only_when_valid(name, want):
     assert plan.guest_hostname({"hostname": name}) == want
+
+
+def test_the_network_is_recorded_before_the_vm_and_forgotten_on_release(tmp_path):
+    """Cleanup runs newest first: the network record must be older than the VM's, so QEMU
+    (holding the TAPs) goes first after a crash. A sandbox whose network was never prepared
+    (the boot failed first) leaves no record behind."""
+    import asyncio
+
+    from spinbox.shim.state import GroupPaths, State
+
+    st = State.open(GroupPaths(tmp_path / "st", "ns1", "grp1"))
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "10-a.conflist").write_text(_conflist("a"))
+    n = SandboxNetworking("sb1", NetworkSettings(conf_dir=str(conf)), state=st, owner="sb1")
+    n.decide(spec())
+    st.record("vm", "/run/x/vm", owner="sb1", path="/run/x/vm")
+    assert [r.kind for r in st.records] == ["network", "vm"]
+    asyncio.run(n.release())
+    assert [r.kind for r in st.records] == ["vm"]

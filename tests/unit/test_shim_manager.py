@@ -104,7 +104,8 @@ def test_stdin_bootstrap_params():
     p = bootstrap_pb2.BootstrapParams(instance_id="t1", namespace="ns", containerd_version="2.3.0",
                                       containerd_ttrpc_address="unix:///run/c.sock.ttrpc",
                                       extensions=[bootstrap_pb2.Extension(value=_options_any())])
-    raw = p.SerializeToString() + b"\x4a\x08/run/s9x"   # field 9 socket_dir (newer than our proto)
+    raw = p.SerializeToString() + b"\x4a\x08/run/s9x"   # field 9 socket_dir, as the wire has it
+    assert m.classify_stdin(p.SerializeToString(), "t1", "ns").socket_dir is None   # unset
     inp = m.classify_stdin(raw, "t1", "ns")
     assert inp.kind == "bootstrap"
     assert inp.options.type_url == "runtimeoptions.v1.Options"

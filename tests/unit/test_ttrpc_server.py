@@ -280,6 +280,35 @@ async def test_ids_are_odd_and_increasing_on_the_wire():
     assert sorted(seen) == list(range(1, 101, 2))
 
 
+async def test_first_stream_id_continues_a_previous_clients_ids():
+    seen = []
+
+    async def record(request, ctx):
+        seen.append(ctx.stream_id)
+        return request
+    server = ttrpc.Server()
+    server.register_method("t.Svc", "M", record, Msg)
+    a, b = socket.socketpair()
+    serving = asyncio.create_task(server.serve_connection(*await asyncio.open_unix_connection(sock=a)))
+    client = await ttrpc.Client.from_socket(b, first_stream_id=1001)
+    try:
+        assert client.next_stream_id == 1001
+        for _ in range(3):
+            await client.call("t.Svc", "M", Msg(), Msg)
+        assert client.next_stream_id == 1007
+    finally:
+        await client.close()
+        await server.close()
+        await serving
+    assert seen == [1001, 1003, 1005]
+    for bad in (0, 2, 1 << 32):
+        r, w = socket.socketpair()
+        with pytest.raises(ValueError, match="first_stream_id"):
+            await ttrpc.Client.from_socket(r, first_stream_id=bad)
+        r.close()
+        w.close()
+
+
 async def test_serve_fd_on_a_pty_character_device():
     """serve_fd/from_fd on one bidirectional character-device fd (as a virtio-serial port)."""
     master, slave = pty.openpty()

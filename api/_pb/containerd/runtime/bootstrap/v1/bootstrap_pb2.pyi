@@ -31,7 +31,7 @@ LOG_LEVEL_PANIC: LogLevel
 CAPABILITY_UNSPECIFIED: Capability
 
 class BootstrapParams(_message.Message):
-    __slots__ = ("instance_id", "namespace", "log_level", "containerd_version", "containerd_ttrpc_address", "containerd_grpc_address", "containerd_binary", "extensions")
+    __slots__ = ("instance_id", "namespace", "log_level", "containerd_version", "containerd_ttrpc_address", "containerd_grpc_address", "containerd_binary", "extensions", "socket_dir")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     LOG_LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class BootstrapParams(_message.Message):
     CONTAINERD_GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CONTAINERD_BINARY_FIELD_NUMBER: _ClassVar[int]
     EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_DIR_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     namespace: str
     log_level: LogLevel
@@ -48,7 +49,8 @@ class BootstrapParams(_message.Message):
     containerd_grpc_address: str
     containerd_binary: str
     extensions: _containers.RepeatedCompositeFieldContainer[Extension]
-    def __init__(self, instance_id: _Optional[str] = ..., namespace: _Optional[str] = ..., log_level: _Optional[_Union[LogLevel, str]] = ..., containerd_version: _Optional[str] = ..., containerd_ttrpc_address: _Optional[str] = ..., containerd_grpc_address: _Optional[str] = ..., containerd_binary: _Optional[str] = ..., extensions: _Optional[_Iterable[_Union[Extension, _Mapping]]] = ...) -> None: ...
+    socket_dir: str
+    def __init__(self, instance_id: _Optional[str] = ..., namespace: _Optional[str] = ..., log_level: _Optional[_Union[LogLevel, str]] = ..., containerd_version: _Optional[str] = ..., containerd_ttrpc_address: _Optional[str] = ..., containerd_grpc_address: _Optional[str] = ..., containerd_binary: _Optional[str] = ..., extensions: _Optional[_Iterable[_Union[Extension, _Mapping]]] = ..., socket_dir: _Optional[str] = ...) -> None: ...
 
 class Extension(_message.Message):
     __slots__ = ("value",)
