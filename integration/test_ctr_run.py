@@ -248,6 +248,40 @@ def kill_quietly(env: Env, id: str) -> None:
     env.ctr("containers", "delete", id, check=False)
 
 
+def test_host_bind_mounts_reach_the_container(env):
+    """`--mount type=bind`: a directory (read-write, writes land on the host) and a single file
+    (read-only: the container cannot write it, and neither could the guest)."""
+    id = uid("bind")
+    token = uuid.uuid4().hex
+    vol = env.work / f"vol-{id}"
+    vol.mkdir()
+    (vol / "in.txt").write_text(token + "\n")
+    conf_dir = env.work / f"conf-{id}"
+    conf_dir.mkdir()
+    (conf_dir / "app.conf").write_text(f"conf-{token}\n")
+    (conf_dir / "secret").write_text("not for the guest\n")
+    r = env.ctr(*env.run_args("--rm", "--mount", f"type=bind,src={vol},dst=/data,options=rbind:rw",
+                              "--mount", f"type=bind,src={conf_dir / 'app.conf'},dst=/etc/app.conf,options=rbind:ro"),
+                env.ref, id, "sh", "-c",
+                "cat /data/in.txt /etc/app.conf; echo from-guest > /data/out.txt; "
+                "(echo x >> /etc/app.conf) 2>/dev/null && echo WROTE || echo ro-refused", check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split() == [token, f"conf-{token}", "ro-refused"], r.stdout
+    assert (vol / "out.txt").read_text() == "from-guest\n"
+    assert (conf_dir / "app.conf").read_text() == f"conf-{token}\n"
+    wait_until(lambda: not [m for m in our_mounts(env) if id in m], 30, "the bind staging mounts to go")
+
+
+def test_a_missing_bind_source_fails_the_create_by_name(env):
+    id = uid("nobind")
+    missing = env.work / f"missing-{id}"
+    r = env.ctr(*env.run_args("--rm", "--mount", f"type=bind,src={missing},dst=/data,options=rbind:ro"),
+                env.ref, id, "true", check=False)
+    assert r.returncode != 0
+    assert str(missing) in r.stderr.decode() and "does not exist" in r.stderr.decode(), r.stderr
+    env.ctr("containers", "delete", id, check=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # one-shot containers
 

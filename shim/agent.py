@@ -89,6 +89,7 @@ SVC_STDIO = "spinbox.agent.v1.Stdio"
 SVC_EVENTS = "spinbox.agent.v1.Events"
 SVC_SYSTEM = "spinbox.agent.v1.System"
 SVC_NETWORK = "spinbox.agent.v1.Network"
+SHARES_ROOT = "/run/spinbox/shares"     # guest: CreateRequest.shares are mounted at <root>/<id>/<target>
 
 DEFAULT_TIMEOUT = 60.0           # one unary call (runc under TCG takes ~1 s; be generous)
 DEFAULT_OUTPUT_WINDOW = 1 << 20  # guest bytes in flight per output stream
@@ -491,13 +492,17 @@ class AgentClient:
     async def create(self, id: str, spec: dict | bytes, *, rootfs_path: str = "",
                      rootfs_mounts: Sequence[Mount] = (), readonly: bool = False,
                      terminal: bool = False, stdin: bool = False, stdout: bool = False,
-                     stderr: bool = False, timeout: float | None = DEFAULT_TIMEOUT) -> int:
+                     stderr: bool = False, shares: Sequence[Mount] = (),
+                     timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        """`shares`: virtiofs tags the guest mounts at SHARES_ROOT/<id>/<target> first."""
         _check_request_id(id, "container id")
         rootfs = cpb.Rootfs(path=rootfs_path, readonly=readonly, mounts=[
             cpb.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
             for m in rootfs_mounts])
         req = cpb.CreateRequest(id=id, spec=_as_json(spec, "spec"), rootfs=rootfs, terminal=terminal,
-                                stdin=stdin, stdout=stdout, stderr=stderr)
+                                stdin=stdin, stdout=stdout, stderr=stderr,
+                                shares=[cpb.Mount(type=m.type, source=m.source, target=m.target,
+                                                  options=list(m.options)) for m in shares])
         resp = await self._unary(SVC_CONTAINERS, "Create", req, cpb.CreateResponse, timeout)
         return check_pid(resp.pid, f"create {id}")
 

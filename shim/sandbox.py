@@ -37,6 +37,12 @@ class GuestRootfs:
     readonly: bool = False
 
 
+@dataclass
+class SharedBinds:
+    sources: dict[int, str] | None = None       # bind index -> guest path of its source
+    mounts: list = field(default_factory=list)  # shim.agent.Mount for CreateRequest.shares
+
+
 class Sandbox:
     """Base class; see the module docstring."""
 
@@ -64,9 +70,9 @@ class Sandbox:
     async def share_rootfs(self, container_id: str, host_rootfs: Path) -> GuestRootfs:
         raise NotImplementedError
 
-    async def share_dirs(self, container_id: str, dirs: list[tuple[str, bool]]) -> dict[str, str] | None:
-        """Share host directories [(path, readonly)] into the guest; returns host -> guest
-        path, or None when guest paths are host paths."""
+    async def share_binds(self, container_id: str, binds: list) -> SharedBinds:
+        """Make the sources of a container's bind mounts (shim.spec.BindMount) visible in the
+        guest; `SharedBinds.sources` None means guest paths are host paths."""
         raise NotImplementedError
 
     async def unshare(self, container_id: str) -> None:
@@ -130,8 +136,8 @@ class LocalSandbox(Sandbox):
     async def share_rootfs(self, container_id: str, host_rootfs: Path) -> GuestRootfs:
         return GuestRootfs(path=str(host_rootfs))
 
-    async def share_dirs(self, container_id: str, dirs: list[tuple[str, bool]]) -> dict[str, str] | None:
-        return None
+    async def share_binds(self, container_id: str, binds: list) -> SharedBinds:
+        return SharedBinds(None)
 
     async def stop(self) -> None:
         if self.agent is not None:
@@ -162,10 +168,12 @@ class VMSandbox(Sandbox):
     "share-<n>"); the agent mounts the tag (GuestRootfs.mounts) inside the guest.
     """
 
-    def __init__(self, id: str, boot: Callable[[], Awaitable[object]], *, network=None) -> None:
+    def __init__(self, id: str, boot: Callable[[], Awaitable[object]], *, network=None, state=None) -> None:
         super().__init__(id)
         self._boot = boot
         self.network = network        # shim.network.lifecycle.SandboxNetworking, or None
+        self.state = state            # shim.state.State: crash-safe records (bind staging dirs)
+        self._stages: dict[str, Path] = {}
         self.guest = None
         self._handles: dict[str, list] = {}
         self._n = 0
@@ -219,14 +227,34 @@ class VMSandbox(Sandbox):
         from spinbox.shim.agent import Mount
         return GuestRootfs(mounts=[Mount("virtiofs", tag, "", ())])
 
-    async def share_dirs(self, container_id: str, dirs: list[tuple[str, bool]]) -> dict[str, str] | None:
-        # TODO(coordinator): the agent API has no "mount a tag at a guest path" call outside a
-        # container's rootfs; until it has, binds are refused (clear error, never ignored).
-        if dirs:
-            raise ttrpc.InvalidArgument(
-                "bind mounts of host paths are not supported with a VM sandbox yet: "
-                + ", ".join(d for d, _ in dirs))
-        return {}
+    async def share_binds(self, container_id: str, binds: list) -> SharedBinds:
+        """Stage the bind sources under the VM dir (shim.binds: only they are visible to the
+        guest, read-only ones read-only on the host too) and share that one directory."""
+        if not binds:
+            return SharedBinds({})
+        from spinbox.shim import binds as binds_mod
+        from spinbox.shim.agent import SHARES_ROOT, Mount
+
+        stage_dir = self.guest.vm.paths.state_dir / "binds" / container_id
+        if self.state is not None:       # recorded first: `delete` unmounts and removes it
+            self.state.record("dir", str(stage_dir), owner=self.id, path=str(stage_dir))
+        try:
+            staged = await asyncio.to_thread(binds_mod.stage, binds, stage_dir)
+        except BaseException:
+            self._forget_stage(stage_dir)
+            raise
+        self._stages[container_id] = stage_dir
+        tag = await self._share(container_id, str(stage_dir), "binds")
+        guest_dir = f"{SHARES_ROOT}/{container_id}/binds"
+        return SharedBinds({i: f"{guest_dir}/{rel}" for i, rel in staged.paths.items()},
+                           [Mount("virtiofs", tag, "binds", ())])
+
+    def _forget_stage(self, stage_dir: Path) -> None:
+        if self.state is not None:
+            try:
+                self.state.forget("dir", str(stage_dir))
+            except Exception as e:
+                log.warning("sandbox %s: forgetting %s: %s", self.id, stage_dir, e)
 
     async def unshare(self, container_id: str) -> None:
         for h in reversed(self._handles.pop(container_id, [])):
@@ -234,6 +262,15 @@ class VMSandbox(Sandbox):
                 await h.detach()
             except Exception as e:
                 log.warning("sandbox %s: detaching a share of %s: %s", self.id, container_id, e)
+        stage_dir = self._stages.pop(container_id, None)
+        if stage_dir is not None:         # after virtiofsd is gone: it held the mounts
+            from spinbox.shim import binds as binds_mod
+            try:
+                await asyncio.to_thread(binds_mod.release, stage_dir)
+                self._forget_stage(stage_dir)
+            except Exception as e:
+                log.warning("sandbox %s: releasing the binds of %s: %s (left for delete)",
+                            self.id, container_id, e)
 
     async def stop(self) -> None:
         if self._watch is not None:

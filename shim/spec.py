@@ -37,12 +37,6 @@ class BindMount:
     readonly: bool
     is_dir: bool
 
-    @property
-    def share_dir(self) -> str:
-        """The host directory to share: the source itself, or a file's parent directory
-        (virtiofs shares directories; CRI binds files like <sandbox>/hosts)."""
-        return self.source if self.is_dir else os.path.dirname(self.source)
-
     def describe(self) -> str:
         return f"bind mount {self.source!r} -> {self.destination!r}"
 
@@ -98,14 +92,14 @@ def plan_binds(spec: dict[str, Any]) -> list[BindMount]:
     return out
 
 
-def adapt_spec(spec: dict[str, Any], *, rootfs: str, shared: dict[str, str] | None = None,
+def adapt_spec(spec: dict[str, Any], *, rootfs: str, shared: dict[int, str] | None = None,
                terminal: bool | None = None) -> tuple[dict[str, Any], list[str]]:
     """Return (spec for the guest, notes on what changed).
 
-    `rootfs`: the guest path of the container's root filesystem. `shared`: host directory ->
-    guest directory for every `BindMount.share_dir` the sandbox shared; a bind whose directory
-    is not in it is refused with an error naming the mount. `shared=None` means host paths are
-    guest paths (a local agent, no VM).
+    `rootfs`: the guest path of the container's root filesystem. `shared`: for every bind
+    (`BindMount.index`) the sandbox shared, the guest path of its source; a bind missing there
+    is refused with an error naming the mount. `shared=None` means host paths are guest paths
+    (a local agent, no VM).
     """
     s = copy.deepcopy(spec)
     notes: list[str] = []
@@ -144,10 +138,10 @@ def adapt_spec(spec: dict[str, Any], *, rootfs: str, shared: dict[str, str] | No
         if shared is None:
             m["source"] = b.source
             continue
-        guest_dir = shared.get(b.share_dir)
-        if guest_dir is None:
+        guest_source = shared.get(b.index)
+        if guest_source is None:
             raise SpecError(f"{b.describe()}: the host path cannot be shared into the guest")
-        m["source"] = guest_dir if b.is_dir else os.path.join(guest_dir, os.path.basename(b.source))
+        m["source"] = guest_source
         notes.append(f"{b.describe()}: shared as {m['source']!r}")
     return s, notes
 

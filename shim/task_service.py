@@ -32,6 +32,7 @@ from spinbox.api._pb.containerd.types import mount_pb2
 from spinbox.api._pb.containerd.types.runc.options import oci_pb2
 from spinbox.api._pb.containerd.types.task import task_pb2
 
+from . import binds as binds_mod
 from . import rootfs as rootfs_mod
 from .network.lifecycle import NetworkSetupError
 from . import spec as spec_mod
@@ -281,13 +282,13 @@ class TaskService:
                 raise ttrpc.FailedPrecondition(str(e)) from None
             undo.append(lambda: sb.unshare(id))
             guest_root = await sb.share_rootfs(id, c.rootfs.path)
-            share_dirs: dict[str, bool] = {}
-            for b in binds:
-                share_dirs[b.share_dir] = share_dirs.get(b.share_dir, True) and b.readonly
-            shared = await sb.share_dirs(id, list(share_dirs.items()))
+            try:
+                shared = await sb.share_binds(id, binds)
+            except binds_mod.BindError as e:
+                raise ttrpc.FailedPrecondition(f"{id}: {e}") from None
             try:
                 adapted, notes = spec_mod.adapt_spec(spec, rootfs=guest_root.path or "rootfs",
-                                                     shared=shared, terminal=req.terminal)
+                                                     shared=shared.sources, terminal=req.terminal)
             except spec_mod.SpecError as e:
                 raise ttrpc.InvalidArgument(str(e)) from None
             for n in notes:
@@ -302,7 +303,7 @@ class TaskService:
             pid = await agent.create(
                 id, spec_mod.to_json(adapted), rootfs_path=guest_root.path, rootfs_mounts=guest_root.mounts,
                 readonly=guest_root.readonly, terminal=req.terminal, stdin=want["stdin"],
-                stdout=want["stdout"], stderr=want["stderr"], timeout=self.agent_timeout)
+                stdout=want["stdout"], stderr=want["stderr"], shares=shared.mounts, timeout=self.agent_timeout)
             undo.append(lambda: agent.delete(id, timeout=self.agent_timeout))
             c.init.pid = pid
             c.sequencer = ExitSequencer(self._publish_exit, self._drain, drain_timeout=self.drain_timeout)
@@ -656,7 +657,7 @@ def build_services(server: ttrpc.Server, ctx) -> TaskService:
     def sandbox():
         networking = SandboxNetworking(ctx.group, NetworkSettings.from_config(ctx.config),
                                        state=ctx.state, owner=ctx.group)
-        return VMSandbox(ctx.group, boot, network=networking)
+        return VMSandbox(ctx.group, boot, network=networking, state=ctx.state)
 
     runtime_ctx = SimpleNamespace(
         sandbox_factory=sandbox, publisher=ctx.publisher,

@@ -34,6 +34,8 @@ from .stdio import InputSink, OutputBuffer, pump_output
 F_SETPIPE_SZ = 1031           # fcntl.F_SETPIPE_SZ (Linux)
 OUTPUT_PIPE_SIZE = 1 << 20    # process stdout/stderr pipes: read up to 1 MiB per wakeup
 HOTPLUG_MOUNT_WAIT_S = 30.0   # a just hot-plugged virtiofs device may not be probed yet
+SHARES_ROOT = "/run/spinbox/shares"   # CreateRequest.shares: <root>/<container id>/<target>
+_SHARE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 DRAIN_IDLE_TIMEOUT = 5.0     # exit waits for output delivery while the host makes progress
 OOM_POLL_INTERVAL = 1.0
 
@@ -107,8 +109,9 @@ class Container:
 class Agent:
     def __init__(self, state_dir: Path, reaper: Reaper, *, runc_binary: str = "runc",
                  events: EventLog | None = None, drain_idle_timeout: float = DRAIN_IDLE_TIMEOUT,
-                 cgroup_parent: str = _bundle.CGROUP_PARENT) -> None:
+                 cgroup_parent: str = _bundle.CGROUP_PARENT, shares_root: str = SHARES_ROOT) -> None:
         self.state_dir = Path(state_dir)
+        self.shares_root = Path(shares_root)
         self.bundles = self.state_dir / "bundles"
         self.sockets = self.state_dir / "c"
         for d in (self.bundles, self.sockets):
@@ -248,7 +251,9 @@ class Agent:
 
     async def create(self, id: str, spec: bytes, *, rootfs_path: str = "", rootfs_mounts: list[dict] | None = None,
                      readonly: bool = False, terminal: bool = False, stdin: bool = False,
-                     stdout: bool = False, stderr: bool = False) -> int:
+                     stdout: bool = False, stderr: bool = False, shares: list[dict] | None = None) -> int:
+        """`shares`: virtiofs tags mounted at <shares_root>/<id>/<target> first (the host
+        shared the container's bind sources there and pointed the spec's binds at them)."""
         validate_id(id)
         async with self._lock(id):
             if id in self.containers:
@@ -276,6 +281,16 @@ class Agent:
                         raise InvalidArgument(f"rootfs {rootfs} is not a directory in the guest")
                 else:
                     raise InvalidArgument("create needs a rootfs path or rootfs mounts")
+                for m in shares or []:
+                    name, fstype = m.get("target", ""), m.get("type", "")
+                    if not name or len(name) > 64 or not set(name) <= _SHARE_NAME_CHARS:
+                        raise InvalidArgument(f"share target {name!r}: want one name of [A-Za-z0-9_-]")
+                    if fstype != "virtiofs":
+                        raise InvalidArgument(f"share {name}: type must be virtiofs (got {fstype!r})")
+                    target = self.shares_root / id / name
+                    target.mkdir(parents=True, exist_ok=True)
+                    await _mount_hotplugged(m.get("source", ""), str(target), fstype, list(m.get("options", [])))
+                    mounted.append(str(target))
                 adapted, notes = _bundle.adapt_spec(parsed, id, rootfs, terminal=terminal,
                                                     readonly=readonly or None,
                                                     cgroup_parent=self.cgroup_parent,
@@ -299,6 +314,7 @@ class Agent:
                         mounts.umount(t)
                     except OSError as e:
                         log(f"cleanup after failed create of {id}: {e}")
+                self._remove_shares_dir(id)
                 if id not in self.containers:
                     try:
                         await self.runc.delete(id, force=True)
@@ -439,6 +455,14 @@ class Agent:
             except OSError as e:
                 log(f"delete {c.id}: {e}")
         c.mounted.clear()
+        self._remove_shares_dir(c.id)
+
+    def _remove_shares_dir(self, id: str) -> None:
+        d = self.shares_root / id
+        with contextlib.suppress(OSError):     # only empty mount points; never recurse into a share
+            for sub in d.iterdir():
+                sub.rmdir()
+            d.rmdir()
 
     # --- state and friends -------------------------------------------------------------------
 

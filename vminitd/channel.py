@@ -13,7 +13,6 @@ import os
 import select
 import socket
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from .log import debug, log
 
@@ -71,6 +70,7 @@ def choose_transport(params: dict[str, str]) -> tuple[str, str]:
 
 
 async def serve_unix(path: str, handler: Handler) -> asyncio.AbstractServer:
+    from pathlib import Path  # not at the top: vminitd in a VM never listens on a unix socket
     p = Path(path)
     if p.is_socket():
         p.unlink()

@@ -5,7 +5,6 @@ point (the image's stage-2 script may have done some of them).
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 
@@ -134,6 +133,7 @@ def setup_pid1() -> None:
 
 def power_off(reboot: bool = False) -> None:
     """sync + reboot(2). Never returns when it works."""
+    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     os.sync()
     libc.reboot(RB_AUTOBOOT if reboot else RB_POWER_OFF)

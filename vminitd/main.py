@@ -6,31 +6,42 @@
                                               the agent outside a VM (a child subreaper), for tests
 Addresses: unix:/path, vsock:PORT, virtio-serial:NAME.
 
-Imports are kept lean: this module pulls in only what the first second needs; protobuf,
-the runc driver and the services load after the readiness-critical mounts.
+Start-up is kept lean (under TCG every module costs tens of milliseconds): before the agent
+answers its first ping only asyncio, ttrpc, the generated service descriptors and the PID 1
+mounts are loaded. The agent (runc driver, bundles, stdio, network) loads right after, in the
+background, or at once when a request needs it (server.AgentServer). argparse is only imported
+when there are arguments to parse: as PID 1 there are none.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
 import sys
+from types import SimpleNamespace
 
 from . import init as _init
 from .log import log
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+# Option defaults, shared by the parser and the no-argument fast path.
+DEFAULTS = {"listen": None, "state_dir": None, "runc": "runc", "drain_timeout": 5.0, "verbose": False}
+
+
+def _parse(argv: list[str]) -> SimpleNamespace:
+    if not argv:
+        return SimpleNamespace(**DEFAULTS)
+    import argparse
     ap = argparse.ArgumentParser(prog="vminitd", description="spinbox guest agent")
     ap.add_argument("--listen", help="unix:/path | vsock:PORT | virtio-serial:NAME (default: from the kernel cmdline)")
-    ap.add_argument("--state-dir", default=None, help="runc root, bundles, sockets (default /run/spinbox)")
-    ap.add_argument("--runc", default="runc", help="OCI runtime binary")
-    ap.add_argument("--drain-timeout", type=float, default=5.0,
+    ap.add_argument("--state-dir", help="runc root, bundles, sockets (default /run/spinbox)")
+    ap.add_argument("--runc", help="OCI runtime binary")
+    ap.add_argument("--drain-timeout", type=float,
                     help="seconds without output progress before an exit is reported anyway")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.set_defaults(**DEFAULTS)
     # As PID 1 the kernel may pass unknown words from its command line: ignore them.
-    return ap.parse_known_args(argv)[0]
+    return SimpleNamespace(**vars(ap.parse_known_args(argv)[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-async def _amain(args: argparse.Namespace, pid1: bool) -> int:
-    from pathlib import Path
-
-    from .agent import Agent
+async def _amain(args: SimpleNamespace, pid1: bool) -> int:
     from .reaper import Reaper, become_subreaper
     from .server import AgentServer
 
@@ -59,11 +67,17 @@ async def _amain(args: argparse.Namespace, pid1: bool) -> int:
     if not pid1:
         become_subreaper()
     reaper.install(loop)
-    state_dir = Path(args.state_dir or "/run/spinbox")
-    # In the VM the guest is ours: /spinbox. Outside one, several agents may share the host's
-    # cgroups: a parent per agent, removed at exit.
-    agent = Agent(state_dir, reaper, runc_binary=args.runc, drain_idle_timeout=args.drain_timeout,
-                  cgroup_parent="/spinbox" if pid1 else f"/spinbox-vminitd-{os.getpid()}")
+    state_dir = args.state_dir or "/run/spinbox"
+
+    def make_agent():
+        from pathlib import Path
+
+        from .agent import Agent
+        # In the VM the guest is ours: /spinbox. Outside one, several agents may share the
+        # host's cgroups: a parent per agent, removed at exit.
+        return Agent(Path(state_dir), reaper, runc_binary=args.runc, drain_idle_timeout=args.drain_timeout,
+                     cgroup_parent="/spinbox" if pid1 else f"/spinbox-vminitd-{os.getpid()}")
+
     stop = asyncio.Event()
     power = {"reboot": False, "off": False}
 
@@ -71,7 +85,7 @@ async def _amain(args: argparse.Namespace, pid1: bool) -> int:
         power.update(reboot=reboot, off=True)
         stop.set()
 
-    server = AgentServer(agent, on_shutdown=request_power_off if pid1 else None)
+    server = AgentServer(make_agent, on_shutdown=request_power_off if pid1 else None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
@@ -98,11 +112,18 @@ async def _amain(args: argparse.Namespace, pid1: bool) -> int:
         log(f"unknown listen address {listen!r}")
         return 2
     log(f"ready in {_init.uptime():.2f}s (listening on {listen})")
+    # The agent's modules load now, while the host finishes its side of the boot. A failure
+    # there (a broken image, an unwritable state dir) ends vminitd, as it would at start-up.
+    warm_up = asyncio.ensure_future(server.warm_up())
+    warm_up.add_done_callback(lambda t: t.cancelled() or t.exception() is None or stop.set())
     await stop.wait()
-    log("shutting down: killing containers")
+    failed = warm_up.exception() if warm_up.done() and not warm_up.cancelled() else None
+    warm_up.cancel()
+    log(f"shutting down: the agent failed to load: {failed!r}" if failed else "shutting down: killing containers")
     for srv in listeners:
         srv.close()
-    await agent.shutdown()
+    if server.agent is not None:
+        await server.agent.shutdown()
     await server.close()
     for t in tasks:
         t.cancel()
@@ -112,6 +133,8 @@ async def _amain(args: argparse.Namespace, pid1: bool) -> int:
             os.unlink(addr)
         except OSError:
             pass
+    if failed is not None:
+        raise failed
     if pid1:
         _init.power_off(reboot=power["reboot"])
     return 0

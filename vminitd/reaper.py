@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import os
 import signal
 import time
@@ -38,6 +37,7 @@ class Exit:
 
 
 def become_subreaper() -> None:
+    import ctypes  # only outside a VM (PID 1 needs no subreaper): keep it off vminitd's start
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()

@@ -34,9 +34,11 @@ class ContainersService:
     async def Create(self, req: cpb.CreateRequest) -> cpb.CreateResponse:
         mounts = [{"type": m.type, "source": m.source, "target": m.target, "options": list(m.options)}
                   for m in req.rootfs.mounts]
+        shares = [{"type": m.type, "source": m.source, "target": m.target, "options": list(m.options)}
+                  for m in req.shares]
         pid = await self.agent.create(req.id, req.spec, rootfs_path=req.rootfs.path, rootfs_mounts=mounts,
                                       readonly=req.rootfs.readonly, terminal=req.terminal, stdin=req.stdin,
-                                      stdout=req.stdout, stderr=req.stderr)
+                                      stdout=req.stdout, stderr=req.stderr, shares=shares)
         return cpb.CreateResponse(pid=pid)
 
     async def Start(self, req: cpb.StartRequest) -> cpb.StartResponse:
@@ -183,8 +185,7 @@ class SystemService:
         self.agent = agent
         self.on_shutdown = on_shutdown
 
-    async def Ping(self, req: cpb.Empty) -> cpb.Empty:
-        return cpb.Empty()
+    # Ping is answered by server.AgentServer itself (it must not wait for this module to load).
 
     async def Version(self, req: cpb.Empty) -> sypb.VersionResponse:
         return sypb.VersionResponse(agent_version=VERSION, api="spinbox.agent.v1", runtime=self.agent.runc.binary)

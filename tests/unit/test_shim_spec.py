@@ -66,16 +66,17 @@ def test_binds_are_planned_and_rewritten(tmp_path):
         {"destination": "/etc/hosts", "type": "bind", "source": str(f), "options": ["rbind", "rw"]},
     ])
     plan = plan_binds(s)
-    assert [(b.share_dir, b.readonly, b.is_dir) for b in plan] == [(str(d), True, True),
-                                                                  (str(f.parent), False, False)]
-    shared = {str(d): "/run/spinbox/shares/1", str(f.parent): "/run/spinbox/shares/2"}
+    assert [(b.index, b.source, b.readonly, b.is_dir) for b in plan] == [(1, str(d), True, True),
+                                                                        (2, str(f), False, False)]
+    shared = {1: "/run/spinbox/shares/c1/binds/b0", 2: "/run/spinbox/shares/c1/binds/b1/hosts"}
     out, notes = adapt_spec(s, rootfs="/r", shared=shared)
-    assert out["mounts"][1]["source"] == "/run/spinbox/shares/1"
-    assert out["mounts"][2]["source"] == "/run/spinbox/shares/2/hosts"
+    assert out["mounts"][1]["source"] == "/run/spinbox/shares/c1/binds/b0"
+    assert out["mounts"][2]["source"] == "/run/spinbox/shares/c1/binds/b1/hosts"
+    assert out["mounts"][2]["options"] == ["rbind", "rw"]
     assert out["mounts"][0] == {"destination": "/proc", "type": "proc", "source": "proc"}
     # a share the sandbox could not make is an error naming the mount, never silently dropped
     with pytest.raises(SpecError, match=r"/etc/hosts.*cannot be shared"):
-        adapt_spec(s, rootfs="/r", shared={str(d): "/g"})
+        adapt_spec(s, rootfs="/r", shared={1: "/g"})
 
 
 def test_local_agent_keeps_host_paths(tmp_path):

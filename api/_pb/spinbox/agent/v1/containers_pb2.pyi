@@ -49,7 +49,7 @@ class Rootfs(_message.Message):
     def __init__(self, path: _Optional[str] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., readonly: _Optional[bool] = ...) -> None: ...
 
 class CreateRequest(_message.Message):
-    __slots__ = ("id", "spec", "rootfs", "terminal", "stdin", "stdout", "stderr")
+    __slots__ = ("id", "spec", "rootfs", "terminal", "stdin", "stdout", "stderr", "shares")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class CreateRequest(_message.Message):
     STDIN_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: bytes
     rootfs: Rootfs
@@ -64,7 +65,8 @@ class CreateRequest(_message.Message):
     stdin: bool
     stdout: bool
     stderr: bool
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[bytes] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ...) -> None: ...
+    shares: _containers.RepeatedCompositeFieldContainer[Mount]
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[bytes] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ..., shares: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ...) -> None: ...
 
 class CreateResponse(_message.Message):
     __slots__ = ("pid",)
