@@ -541,6 +541,32 @@ def test_containerd_restart_while_a_task_runs(env):
             kill_quietly(env, id)
 
 
+def test_oom_kill_in_the_guest_reaches_containerd_as_tasks_oom(env):
+    """`--memory-limit` becomes the container's memory cgroup limit in the guest; a process
+    that needs more is OOM-killed there, and containerd publishes /tasks/oom for it, then
+    /tasks/exit with 137."""
+    id = uid("oom")
+    log = env.work / f"{id}.events"
+    with open(log, "wb") as f:
+        events = env.popen("events", stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: env.ctr("images", "label", env.ref, f"probe={time.time_ns()}")
+                   and "/images/update" in log.read_text(), 30, "ctr events to subscribe")
+        # dd's 96 MiB block buffer is filled by its first read: over the 32 MiB limit
+        r = env.ctr(*env.run_args("--rm", "--memory-limit", str(32 << 20)), env.ref, id,
+                    "dd", "if=/dev/zero", "of=/dev/null", "bs=96M", "count=1", check=False)
+        assert r.returncode == 137, (r.returncode, r.stderr)
+
+        def lines(topic):
+            return [ln for ln in log.read_text().splitlines() if topic in ln and id in ln]
+        wait_until(lambda: lines("/tasks/oom") and lines("/tasks/exit"), 30,
+                   lambda: f"/tasks/oom and /tasks/exit for {id}: {log.read_text()[-2000:]}")
+        assert '"exit_status":137' in lines("/tasks/exit")[0]
+    finally:
+        events.terminate()
+        events.wait(30)
+
+
 def test_killed_shim_daemon_is_cleaned_up_by_delete(env):
     id = uid("shk")
     env.ctr(*env.run_args("-d"), env.ref, id, "sleep", "1000")
