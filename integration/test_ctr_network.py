@@ -9,7 +9,7 @@ rules). What is proven, one test each:
     bridge gateway; the host pings it back;
   * a TCP server in the container is reachable from the host over the bridge, and a TCP server
     on the host (bound to the gateway address) from the container;
-  * two sandboxes on one bridge reach each other;
+  * two sandboxes on one bridge reach each other; three set up at once get distinct addresses;
   * `io.containerd.spinbox.v1.network=none` gives loopback only;
   * a broken conflist, a missing plugin and a plugin error each fail the create with the
     plugin's (or parser's) message, and leave nothing behind;
@@ -417,3 +417,29 @@ def test_cri_style_existing_netns_is_plumbed_without_running_cni_again(nenv):
         finally:
             sh("ip", "netns", "del", ns_name, check=False)
     assert net.leases() == []
+
+
+def test_three_sandboxes_set_up_at_once_get_distinct_addresses(nenv):
+    """Concurrent creates: CNI runs under the host-wide lock, host-local hands out distinct
+    addresses, every guest reaches the gateway, and all of it is released."""
+    import concurrent.futures
+
+    net = nenv.net
+    ids = [uid(f"par{i}") for i in range(3)]
+    nenv.ids.extend(ids)
+
+    def one(id: str) -> subprocess.CompletedProcess:
+        return nenv.ctr("run", "--runtime", "io.containerd.spinbox.v1", "--fifo-dir", str(nenv.c.fifo_dir),
+                        "--rm", nenv.ref, id, "sh", "-c",
+                        f"ip -o -4 addr show dev eth0; ping -c 1 -W 5 {net.gateway} >/dev/null && echo gw-ok",
+                        check=False)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(one, ids))
+    addrs = []
+    for id, r in zip(ids, results):
+        out = r.stdout.decode()
+        assert r.returncode == 0 and "gw-ok" in out, (id, r.returncode, out, r.stderr)
+        addrs.append(re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out).group(1))
+    assert len(set(addrs)) == 3 and all(ipaddress.ip_address(a) in net.subnet for a in addrs), addrs
+    wait_until(lambda: not net_leftovers(nenv, net, ids), 60,
+               lambda: f"all three released: {net_leftovers(nenv, net, ids)}")
