@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .status import ResourceExhausted
 
@@ -30,8 +30,9 @@ class Flags(enum.IntFlag):
     NO_DATA = 4  # on a Data frame: it carries no payload
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+# Frame and Oversized are NamedTuples, not dataclasses: building a dataclass at import compiles
+# its methods, which costs guest boot time under TCG (see __init__.py); immutable either way.
+class Frame(NamedTuple):
     """One complete frame. `type` stays an int: unknown types must be ignorable, not fatal."""
     stream_id: int
     type: int
@@ -39,8 +40,7 @@ class Frame:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Oversized:
+class Oversized(NamedTuple):
     """A frame whose declared length exceeds the limit. Its data is discarded as it arrives;
     the stream id is known, so the receiver can answer RESOURCE_EXHAUSTED on that stream."""
     stream_id: int

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 from .request_pb2 import KeyValue
 
@@ -75,15 +74,33 @@ class Metadata:
         return f"Metadata({self._items!r})"
 
 
-@dataclass
 class CallContext:
-    """What a server handler knows about its call."""
-    service: str
-    method: str
-    stream_id: int
-    metadata: Metadata = field(default_factory=Metadata)
-    deadline: float | None = None  # event-loop time (loop.time()) or None for no deadline
-    peer: object = None  # connection info (e.g. SO_PEERCRED triple) where known
+    """What a server handler knows about its call. Written out rather than a dataclass: a
+    dataclass compiles its methods at import, which costs guest boot time (see __init__.py)."""
+
+    def __init__(self, service: str, method: str, stream_id: int, metadata: Metadata | None = None,
+                 deadline: float | None = None, peer: object = None) -> None:
+        self.service = service
+        self.method = method
+        self.stream_id = stream_id
+        self.metadata = Metadata() if metadata is None else metadata
+        self.deadline = deadline  # event-loop time (loop.time()) or None for no deadline
+        self.peer = peer  # connection info (e.g. SO_PEERCRED triple) where known
+
+    def _values(self) -> tuple:
+        return (self.service, self.method, self.stream_id, self.metadata, self.deadline, self.peer)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    __hash__ = None  # mutable and compared by value, as a dataclass would be
+
+    def __repr__(self) -> str:
+        return (f"CallContext(service={self.service!r}, method={self.method!r}, "
+                f"stream_id={self.stream_id!r}, metadata={self.metadata!r}, "
+                f"deadline={self.deadline!r}, peer={self.peer!r})")
 
     @property
     def full_method(self) -> str:

@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from google.rpc import status_pb2
 
@@ -31,8 +31,8 @@ from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_MESSAGES, ServerStream,
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PeerCredentials:
+class PeerCredentials(NamedTuple):
+    """SO_PEERCRED of a unix socket peer. (A NamedTuple, not a dataclass: cheaper to import.)"""
     pid: int
     uid: int
     gid: int
