@@ -46,8 +46,11 @@ def missing_prerequisites() -> list[str]:
     return why
 
 
-def _config(base: Path, cri: bool) -> str:
+def _config(base: Path, cri: bool, sandbox_image: str | None = None, extra: str = "") -> str:
+    """`sandbox_image` goes into the CRI plugin's own table (it cannot be re-opened below);
+    `extra` is appended verbatim (e.g. a `...cri".containerd.runtimes.<handler>` table)."""
     disabled = [] if cri else ['"io.containerd.grpc.v1.cri"']
+    cri_keys = f'    sandbox_image = "{sandbox_image}"\n' if sandbox_image else ""
     return f"""\
 version = 2
 root = "{base}/root"
@@ -65,12 +68,12 @@ disabled_plugins = [{", ".join(disabled)}]
 
 [plugins]
   [plugins."io.containerd.grpc.v1.cri"]
-    [plugins."io.containerd.grpc.v1.cri".cni]
+{cri_keys}    [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "/usr/lib/cni"
       conf_dir = "{base}/cni-conf"
   [plugins."io.containerd.internal.v1.opt"]
     path = "{base}/opt"
-"""
+{extra}"""
 
 
 class Containerd:
@@ -78,7 +81,8 @@ class Containerd:
 
     def __init__(self, base: Path, *, path_prefix: Sequence[str | os.PathLike] = (),
                  namespace: str = "spinbox-it", cri: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, sandbox_image: str | None = None,
+                 extra_config: str = "") -> None:
         self.base = base
         self.namespace = namespace
         self.address = str(base / "containerd.sock")
@@ -89,6 +93,8 @@ class Containerd:
         self.path_prefix = [str(p) for p in path_prefix]
         self.cri = cri
         self.extra_env = dict(env or {})
+        self.sandbox_image = sandbox_image   # CRI's pause image (must be imported locally)
+        self.extra_config = extra_config     # TOML appended to the generated config
         self.proc: subprocess.Popen | None = None
         self._preexisting_run_dirs = {d for d in RUN_DIRS if os.path.exists(d)}
         self._log_file = None
@@ -126,7 +132,7 @@ class Containerd:
             raise ContainerdError("containerd already running")
         for d in ("root", "state", "cni-conf", "opt", "fifo"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(_config(self.base, self.cri))
+        self.config_path.write_text(_config(self.base, self.cri, self.sandbox_image, self.extra_config))
         self._log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [CONTAINERD, "--config", str(self.config_path)],

@@ -4,6 +4,7 @@ symlinks + /etc/passwd, packed as an OCI image-layout tar that `ctr images impor
 
     tar = build_busybox_image(tmp_dir)                 # -> Path of the tar
     ref = import_busybox(containerd)                   # build + `ctr images import`, returns ref
+    pause = import_busybox(containerd, PAUSE_REF, cmd=["/bin/sleep", "2147483647"], namespace="k8s.io")
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 BUSYBOX = "/bin/busybox"
 BUSYBOX_REF = "docker.io/library/spinbox-busybox:latest"
+PAUSE_REF = "docker.io/library/spinbox-pause:latest"   # busybox whose Cmd sleeps forever (CRI sandbox_image)
 
 
 def _applets() -> list[str]:
@@ -98,11 +100,14 @@ def build_busybox_image(out_dir: str | os.PathLike[str], ref: str = BUSYBOX_REF,
     return out
 
 
-def import_busybox(containerd, ref: str = BUSYBOX_REF) -> str:
-    """Build the busybox image in the containerd's temp dir and import it; returns the ref."""
-    tar = build_busybox_image(containerd.base, ref)
+def import_busybox(containerd, ref: str = BUSYBOX_REF, *, cmd: list[str] | None = None,
+                   namespace: str | None = None) -> str:
+    """Build the busybox image in the containerd's temp dir and import it; returns the ref.
+    `cmd` sets the image's Cmd (e.g. a sleep-forever "pause" image for CRI's sandbox_image);
+    `namespace` imports into another containerd namespace (CRI uses `k8s.io`)."""
+    tar = build_busybox_image(containerd.base, ref, cmd)
     try:
-        containerd.ctr("images", "import", str(tar))
+        containerd.ctr("images", "import", str(tar), namespace=namespace)
     finally:
         tar.unlink(missing_ok=True)
     return ref

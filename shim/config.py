@@ -79,6 +79,9 @@ class RuntimeConfig:
     machine: str = _choice("q35", "q35", "microvm")
     transport: str = _choice("auto", "auto", "vsock", "virtio-serial")
     oci_runtime: str = _choice("runc", "runc", "crun")   # OCI runtime inside the guest
+    # q35: PCIe ports for hot-plugged devices. A pod uses one per NIC and two per running
+    # container (its rootfs share, its bind-mount share); freed when the container is deleted.
+    pci_hotplug_ports: int = _num(16, 0, 32)
 
 
 @dataclass(frozen=True)
@@ -400,6 +403,7 @@ def vm_config(cfg: SpinboxConfig, **overrides: Any):
         kernel=image.kernel, initrd=image.initrd, root_disk=image.root_disk,
         image_cmdline=image.cmdline, cmdline_extra=cmdline_extra,
         accel=cfg.runtime.accel, machine=cfg.runtime.machine, transport=cfg.runtime.transport,
+        pci_hotplug_ports=cfg.runtime.pci_hotplug_ports,
         vcpus=cfg.cpu_hotplug.vcpus, max_vcpus=cfg.effective_max_vcpus,
         memory_mb=cfg.memory_hotplug.memory_mb, max_memory_mb=cfg.effective_max_memory_mb,
         memory_slots=cfg.memory_hotplug.slots, memory_hotplug=cfg.memory_hotplug.backend,

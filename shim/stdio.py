@@ -227,6 +227,18 @@ class ProcessIO:
             raise
         except Exception as e:
             log.warning("%s %s: output stream failed: %s", self.name, which, e)
+        # The guest stream has ended: close our write end now, so the FIFO's reader sees EOF.
+        # CRI's ExecSync waits for that EOF before it deletes the exec (runc's shim gives it
+        # the same way); waiting for Delete would hang it.
+        self._close_fd(fd)
+
+    def _close_fd(self, fd: int) -> None:
+        if fd in self.fds:
+            self.fds.remove(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def start_input(self, sink: InputStream) -> None:
         self.input_sink = sink
@@ -276,12 +288,8 @@ class ProcessIO:
                 await s.close()
             except Exception as e:
                 log.debug("%s: closing a stream: %s", self.name, e)
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds.clear()
+        for fd in list(self.fds):
+            self._close_fd(fd)
 
 
 # --- the guest side: shim.agent's credit-controlled streams ---------------------------------

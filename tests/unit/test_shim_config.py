@@ -16,7 +16,7 @@ NON_DEFAULT = {
     "paths": {"share_dir": "/opt/sb/share", "state_dir": "/run/sbx", "cni_conf_dir": "/etc/sbcni",
               "cni_bin_dirs": ["/opt/cni2"], "qemu": "/opt/q/qemu", "virtiofsd": "/opt/q/virtiofsd"},
     "runtime": {"vmm": "qemu", "accel": "tcg", "machine": "q35", "transport": "virtio-serial",
-                "oci_runtime": "crun"},
+                "oci_runtime": "crun", "pci_hotplug_ports": 9},
     "timeouts": {"boot_s": 90, "shutdown_s": 7.5, "agent_call_s": 3},
     "network": {"enabled": False, "network": "sbnet", "interface": "eth1"},
     "cpu_hotplug": {"vcpus": 2, "max_vcpus": 6},
@@ -69,6 +69,7 @@ def test_every_key_is_honoured(tmp_path):
     ({"network": {"enabled": "yes"}}, "network.enabled: must be true or false"),
     ({"network": {"interface": "a-very-long-interface-name"}}, "network.interface"),
     ({"timeouts": {"boot_s": 0}}, "timeouts.boot_s: must be >= 0.1"),
+    ({"runtime": {"pci_hotplug_ports": 33}}, "runtime.pci_hotplug_ports: must be <= 32"),
     ({"paths": {"state_dir": "run/spinbox"}}, "paths.state_dir: must be an absolute path"),
     ({"paths": {"state_dir": "/run/" + "x" * 60}}, "paths.state_dir: must be at most 40 bytes"),
     ({"paths": {"cni_bin_dirs": "/usr/lib/cni"}}, "paths.cni_bin_dirs: must be a list of strings"),
@@ -161,7 +162,7 @@ def test_vm_config_carries_every_vm_key(tmp_path):
     _image(share)
     cfg = c.from_dict({
         "paths": {"share_dir": str(share), "qemu": "/opt/q/qemu", "virtiofsd": "/opt/q/vfsd"},
-        "runtime": {"accel": "tcg", "machine": "q35", "transport": "virtio-serial"},
+        "runtime": {"accel": "tcg", "machine": "q35", "transport": "virtio-serial", "pci_hotplug_ports": 7},
         "timeouts": {"boot_s": 77, "shutdown_s": 4},
         "cpu_hotplug": {"vcpus": 2, "max_vcpus": 5},
         "memory_hotplug": {"memory_mb": 512, "max_memory_mb": 1024, "slots": 3, "backend": "pc-dimm"},
@@ -171,6 +172,7 @@ def test_vm_config_carries_every_vm_key(tmp_path):
     assert vm.kernel == share / "vmlinux" and vm.initrd == share / "initrd.img"
     assert vm.image_cmdline == "quiet rdinit=/init"
     assert (vm.accel, vm.machine, vm.transport) == ("tcg", "q35", "virtio-serial")
+    assert vm.pci_hotplug_ports == 7
     assert (vm.vcpus, vm.max_vcpus, vm.memory_mb, vm.max_memory_mb) == (2, 5, 512, 1024)
     assert (vm.memory_slots, vm.memory_hotplug) == (3, "pc-dimm")
     assert (vm.qemu_binary, vm.virtiofsd_binary) == ("/opt/q/qemu", "/opt/q/vfsd")
