@@ -27,11 +27,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import random
 import re
 import secrets
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
@@ -39,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from integration.cninet import TestNet, missing_for_vm_networking
 from integration.containerd import Containerd, missing_prerequisites
 from integration.images import BUSYBOX_REF, PAUSE_REF, import_busybox
 from integration.test_ctr_run import (SHARE_DIR, SHIM_BIN_DIR, Env, _comm_is, _describe,
@@ -56,58 +55,20 @@ except ImportError as e:  # pragma: no cover - depends on the venv
 else:
     CRI_IMPORT_ERROR = None
 
-CNI_BIN = Path("/usr/lib/cni")
 HANDLER = "spinbox"
 CRI_NAMESPACE = "k8s.io"
 RPC_TIMEOUT = 240.0        # a TCG boot (3-8 s) plus a virtiofs hotplug, on a loaded 2-core host
 
 
-class CriNet:
-    """The pod network CRI sets up: a private bridge, subnet and host-local dataDir."""
-
-    def __init__(self, conf_dir: Path, work: Path) -> None:
-        tag = secrets.token_hex(3)
-        self.bridge = f"spbc-{tag}"
-        self.name = f"spbc-net-{tag}"
-        self.subnet = ipaddress.ip_network(f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24")
-        self.gateway = str(self.subnet.network_address + 1)
-        self.ipam_dir = work / "ipam"
-        conflist = {"cniVersion": "1.0.0", "name": self.name, "plugins": [
-            {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": False,
-             "hairpinMode": True,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": str(self.subnet)}]],
-                      "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(self.ipam_dir)}},
-            {"type": "loopback"}]}
-        conf_dir.mkdir(parents=True, exist_ok=True)
-        (conf_dir / "10-spinbox-cri.conflist").write_text(json.dumps(conflist))
-
-    def leases(self) -> list[str]:
-        """Addresses host-local has handed out (dataDir/<network>/<ip> files)."""
-        out = []
-        if self.ipam_dir.exists():
-            for d in self.ipam_dir.iterdir():
-                for f in d.iterdir() if d.is_dir() else []:
-                    try:
-                        ipaddress.ip_address(f.name)
-                    except ValueError:
-                        continue          # lock, last_reserved_ip.0
-                    out.append(f.name)
-        return sorted(out)
-
-    def remove_bridge(self) -> None:
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+def _cri_net(conf_dir: Path, work: Path) -> TestNet:
+    """The pod network CRI sets up from its conf dir."""
+    net = TestNet(work, prefix="spbc", conf_dir=conf_dir)
+    net.write("10-spinbox-cri.conflist", net.conflist())
+    return net
 
 
 def _prerequisites() -> list[str]:
-    why = missing_prerequisites()
-    for tool in ("qemu-system-x86_64", "runc", "busybox", "ip"):
-        if shutil.which(tool) is None:
-            why.append(f"`{tool}` not found")
-    for plugin in ("bridge", "host-local", "loopback"):
-        if not os.access(CNI_BIN / plugin, os.X_OK):
-            why.append(f"no CNI plugin {CNI_BIN / plugin}")
-    if not (SHARE_DIR / "image.json").exists():
-        why.append(f"no guest image in {SHARE_DIR} (run scripts/setup / `task build`)")
+    why = missing_prerequisites() + missing_for_vm_networking(SHARE_DIR)
     if not (SHIM_BIN_DIR / "containerd-shim-spinbox-v1").exists():
         why.append(f"{SHIM_BIN_DIR}/containerd-shim-spinbox-v1 missing (pip install -e .)")
     if CRI_IMPORT_ERROR:
@@ -174,7 +135,7 @@ def pod_qemus(env: Env) -> list[int]:
     return [p for p in our_processes(env) if _comm_is(p, "qemu-system")]
 
 
-def cri_leftovers(env: Env, net: CriNet) -> list[str]:
+def cri_leftovers(env: Env, net: TestNet) -> list[str]:
     problems = []
     procs = our_processes(env)
     if procs:
@@ -215,7 +176,7 @@ def crienv():
                    env={"SPINBOX_CONFIG": str(cfg)}, cri=True, namespace=CRI_NAMESPACE,
                    sandbox_image=PAUSE_REF, extra_config=handler)
     # the conflist must be there before CRI starts (it also watches the dir, but this is simpler)
-    net = CriNet(c.base / "cni-conf", work)
+    net = _cri_net(c.base / "cni-conf", work)
     e = Env(c, BUSYBOX_REF, work, state_dir)
     e.net = net
     e.api = None

@@ -25,7 +25,6 @@ import asyncio
 import ipaddress
 import json
 import os
-import random
 import re
 import secrets
 import shutil
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from integration.cninet import CNI_BIN, missing_for_vm_networking
+from integration.cninet import TestNet as Net
 from integration.containerd import Containerd, missing_prerequisites
 from integration.images import import_busybox
 from integration.test_ctr_run import (SHARE_DIR, SHIM_BIN_DIR, Env, kill_quietly, leftovers,
@@ -46,8 +47,6 @@ from integration.test_ctr_run import (SHARE_DIR, SHIM_BIN_DIR, Env, kill_quietly
 
 pytestmark = pytest.mark.integration
 
-CNI_BIN = Path("/usr/lib/cni")
-CNI_CACHE = Path("/var/lib/cni/results")
 NET_ANNOTATION = "io.containerd.spinbox.v1.network"
 
 
@@ -56,57 +55,6 @@ def sh(*argv: str, check: bool = True, timeout: float = 30) -> str:
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
     return r.stdout
-
-
-class Net:
-    """The private network: bridge, subnet, conf dir, IPAM dir."""
-
-    def __init__(self, work: Path) -> None:
-        tag = secrets.token_hex(3)
-        self.bridge = f"spbn-{tag}"
-        self.name = f"spbn-net-{tag}"
-        self.subnet = ipaddress.ip_network(f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24")
-        self.gateway = str(self.subnet.network_address + 1)
-        self.nameserver = str(self.subnet.network_address + 53)
-        self.conf_dir = work / "cni-conf"
-        self.ipam_dir = work / "ipam"
-        self.conf_dir.mkdir()
-
-    def conflist(self, name: str | None = None, **bridge_over) -> dict:
-        bridge = {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": False,
-                  "hairpinMode": True,
-                  "ipam": {"type": "host-local", "ranges": [[{"subnet": str(self.subnet)}]],
-                           "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(self.ipam_dir)},
-                  # the bridge plugin copies this into its result: the guest's resolv.conf
-                  "dns": {"nameservers": [self.nameserver], "search": ["sbx.test"]}}
-        bridge.update(bridge_over)
-        return {"cniVersion": "1.0.0", "name": name or self.name, "plugins": [bridge, {"type": "loopback"}]}
-
-    def write(self, filename: str, doc: dict | str) -> Path:
-        p = self.conf_dir / filename
-        p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-        return p
-
-    def leases(self) -> list[str]:
-        """IP addresses host-local has handed out (its dataDir/<network>/<ip> files)."""
-        out = []
-        if self.ipam_dir.exists():
-            for d in self.ipam_dir.iterdir():
-                for f in d.iterdir() if d.is_dir() else []:
-                    try:
-                        ipaddress.ip_address(f.name)
-                    except ValueError:
-                        continue          # lock, last_reserved_ip.0
-                    out.append(f.name)
-        return sorted(out)
-
-    def veths(self) -> list[str]:
-        """Links enslaved to our bridge (each a sandbox's host-side veth)."""
-        out = sh("ip", "-j", "link", "show", "master", self.bridge, check=False) or "[]"
-        return [link["ifname"] for link in json.loads(out)]
-
-    def cached_results(self) -> list[str]:
-        return sorted(p.name for p in CNI_CACHE.glob(f"{self.name}-*")) if CNI_CACHE.is_dir() else []
 
 
 def our_netns() -> list[str]:
@@ -130,15 +78,7 @@ def net_leftovers(env: Env, net: Net, ids: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def nenv():
-    why = missing_prerequisites()
-    for tool in ("qemu-system-x86_64", "runc", "busybox", "ip"):
-        if shutil.which(tool) is None:
-            why.append(f"`{tool}` not found")
-    for plugin in ("bridge", "host-local", "loopback"):
-        if not os.access(CNI_BIN / plugin, os.X_OK):
-            why.append(f"no CNI plugin {CNI_BIN / plugin}")
-    if not (SHARE_DIR / "image.json").exists():
-        why.append(f"no guest image in {SHARE_DIR} (run scripts/setup / `task build`)")
+    why = missing_prerequisites() + missing_for_vm_networking(SHARE_DIR)
     if why:
         msg = "network integration prerequisites missing: " + "; ".join(why)
         if os.environ.get("SPINBOX_REQUIRE_INTEGRATION"):
@@ -166,7 +106,7 @@ def nenv():
     finally:
         log_tail = c.log_tail(80) if problems else ""
         c.cleanup()
-        sh("ip", "link", "del", net.bridge, check=False)
+        net.remove_bridge()
         shutil.rmtree(work, ignore_errors=True)
     assert not problems, "left behind after the network suite:\n  " + "\n  ".join(problems) + \
         "\ncontainerd log tail:\n" + log_tail
