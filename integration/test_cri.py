@@ -40,8 +40,8 @@ import pytest
 from integration.cninet import TestNet, missing_for_vm_networking
 from integration.containerd import Containerd, missing_prerequisites
 from integration.images import BUSYBOX_REF, PAUSE_REF, import_busybox
-from integration.test_ctr_run import (SHARE_DIR, SHIM_BIN_DIR, Env, _comm_is, _describe,
-                                      our_mounts, our_processes, wait_until)
+from integration.test_ctr_run import (SHARE_DIR, SHIM_BIN_DIR, Env, _comm_is, leftovers, our_processes,
+                                      wait_until)
 
 pytestmark = pytest.mark.integration
 
@@ -136,17 +136,7 @@ def pod_qemus(env: Env) -> list[int]:
 
 
 def cri_leftovers(env: Env, net: TestNet) -> list[str]:
-    problems = []
-    procs = our_processes(env)
-    if procs:
-        problems.append("processes: " + "; ".join(f"{p}: {_describe(p)}" for p in procs))
-    mounts = our_mounts(env)
-    if mounts:
-        problems.append(f"mounts: {mounts}")
-    if env.state_dir.exists():
-        files = sorted(str(p.relative_to(env.state_dir)) for p in env.state_dir.rglob("*") if not p.is_dir())
-        if files:
-            problems.append(f"files under the spinbox state dir: {files}")
+    problems = leftovers(env)          # processes, mounts, shim state files (test_ctr_run's check)
     if net.leases():
         problems.append(f"host-local leases: {net.leases()}")
     return problems

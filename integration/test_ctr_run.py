@@ -16,6 +16,7 @@ state dir, no new entry in /run/spinbox, no task bundle in containerd's state di
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import fcntl
 import json
 import os
@@ -501,6 +502,22 @@ def test_kill_all(env):
 # ---------------------------------------------------------------------------------------------
 # failures around the task
 
+@contextlib.contextmanager
+def ctr_events(env: Env, name: str):
+    """`ctr events` into a log file, subscribed (an event containerd itself publishes has shown
+    up) before the body runs; yields `lines(topic, id)` -> the matching event lines so far."""
+    log = env.work / f"{name}.events"
+    with open(log, "wb") as f:
+        events = env.popen("events", stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: env.ctr("images", "label", env.ref, f"probe={time.time_ns()}")
+                   and "/images/update" in log.read_text(), 30, "ctr events to subscribe")
+        yield lambda topic, id: [ln for ln in log.read_text().splitlines() if topic in ln and id in ln]
+    finally:
+        events.terminate()
+        events.wait(30)
+
+
 def test_containerd_restart_while_a_task_runs(env):
     id = uid("rst")
     env.ctr(*env.run_args("-d"), env.ref, id, "sleep", "1000")
@@ -511,24 +528,11 @@ def test_containerd_restart_while_a_task_runs(env):
         assert env.tasks().get(id) == "RUNNING"
         assert env.shim_pids(id) == shim, "the shim daemon must outlive a containerd restart"
         # the shim's event publisher must find the new containerd: watch for the exit event
-        log = env.work / f"{id}.events"
-        with open(log, "wb") as f:
-            events = env.popen("events", stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            # subscribed once an event containerd itself publishes shows up
-            wait_until(lambda: env.ctr("images", "label", env.ref, f"probe={time.time_ns()}")
-                       and "/images/update" in log.read_text(), 30, "ctr events to subscribe")
+        with ctr_events(env, id) as lines:
             env.ctr("task", "kill", "-s", "SIGKILL", id)
             env.wait_status(id, "STOPPED")
-
-            def exit_line():
-                return next((ln for ln in log.read_text().splitlines()
-                             if "/tasks/exit" in ln and id in ln), None)
-            wait_until(exit_line, 30, lambda: f"a /tasks/exit event for {id}: {log.read_text()}")
-            assert '"exit_status":137' in exit_line(), log.read_text()
-        finally:
-            events.terminate()
-            events.wait(30)
+            wait_until(lambda: lines("/tasks/exit", id), 30, f"a /tasks/exit event for {id}")
+            assert '"exit_status":137' in lines("/tasks/exit", id)[0]
         env.ctr("task", "delete", id)
         env.ctr("containers", "delete", id)
         wait_until(lambda: not env.qemu_pids(id) and not env.shim_pids(id), 30,
@@ -546,25 +550,14 @@ def test_oom_kill_in_the_guest_reaches_containerd_as_tasks_oom(env):
     that needs more is OOM-killed there, and containerd publishes /tasks/oom for it, then
     /tasks/exit with 137."""
     id = uid("oom")
-    log = env.work / f"{id}.events"
-    with open(log, "wb") as f:
-        events = env.popen("events", stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: env.ctr("images", "label", env.ref, f"probe={time.time_ns()}")
-                   and "/images/update" in log.read_text(), 30, "ctr events to subscribe")
+    with ctr_events(env, id) as lines:
         # dd's 96 MiB block buffer is filled by its first read: over the 32 MiB limit
         r = env.ctr(*env.run_args("--rm", "--memory-limit", str(32 << 20)), env.ref, id,
                     "dd", "if=/dev/zero", "of=/dev/null", "bs=96M", "count=1", check=False)
         assert r.returncode == 137, (r.returncode, r.stderr)
-
-        def lines(topic):
-            return [ln for ln in log.read_text().splitlines() if topic in ln and id in ln]
-        wait_until(lambda: lines("/tasks/oom") and lines("/tasks/exit"), 30,
-                   lambda: f"/tasks/oom and /tasks/exit for {id}: {log.read_text()[-2000:]}")
-        assert '"exit_status":137' in lines("/tasks/exit")[0]
-    finally:
-        events.terminate()
-        events.wait(30)
+        wait_until(lambda: lines("/tasks/oom", id) and lines("/tasks/exit", id), 30,
+                   f"/tasks/oom and /tasks/exit for {id}")
+        assert '"exit_status":137' in lines("/tasks/exit", id)[0]
 
 
 def test_killed_shim_daemon_is_cleaned_up_by_delete(env):

@@ -260,7 +260,8 @@ async def test_pending_calls_fail_with_connection_closed():
             await call
 
 
-async def test_ids_are_odd_and_increasing_on_the_wire():
+async def _stream_ids_seen(calls: int, concurrent: bool, **client_kwargs) -> tuple[list[int], int]:
+    """Stream ids the server saw for `calls` calls, and the client's next_stream_id after them."""
     seen = []
 
     async def record(request, ctx):
@@ -270,37 +271,28 @@ async def test_ids_are_odd_and_increasing_on_the_wire():
     server.register_method("t.Svc", "M", record, Msg)
     a, b = socket.socketpair()
     serving = asyncio.create_task(server.serve_connection(*await asyncio.open_unix_connection(sock=a)))
-    client = await ttrpc.Client.from_socket(b)
+    client = await ttrpc.Client.from_socket(b, **client_kwargs)
     try:
-        await asyncio.gather(*(client.call("t.Svc", "M", Msg(), Msg) for _ in range(50)))
+        if concurrent:
+            await asyncio.gather(*(client.call("t.Svc", "M", Msg(), Msg) for _ in range(calls)))
+        else:
+            for _ in range(calls):
+                await client.call("t.Svc", "M", Msg(), Msg)
+        return seen, client.next_stream_id
     finally:
         await client.close()
         await server.close()
         await serving
+
+
+async def test_ids_are_odd_and_increasing_on_the_wire():
+    seen, _ = await _stream_ids_seen(50, concurrent=True)
     assert sorted(seen) == list(range(1, 101, 2))
 
 
 async def test_first_stream_id_continues_a_previous_clients_ids():
-    seen = []
-
-    async def record(request, ctx):
-        seen.append(ctx.stream_id)
-        return request
-    server = ttrpc.Server()
-    server.register_method("t.Svc", "M", record, Msg)
-    a, b = socket.socketpair()
-    serving = asyncio.create_task(server.serve_connection(*await asyncio.open_unix_connection(sock=a)))
-    client = await ttrpc.Client.from_socket(b, first_stream_id=1001)
-    try:
-        assert client.next_stream_id == 1001
-        for _ in range(3):
-            await client.call("t.Svc", "M", Msg(), Msg)
-        assert client.next_stream_id == 1007
-    finally:
-        await client.close()
-        await server.close()
-        await serving
-    assert seen == [1001, 1003, 1005]
+    seen, next_id = await _stream_ids_seen(3, concurrent=False, first_stream_id=1001)
+    assert seen == [1001, 1003, 1005] and next_id == 1007
     for bad in (0, 2, 1 << 32):
         r, w = socket.socketpair()
         with pytest.raises(ValueError, match="first_stream_id"):
