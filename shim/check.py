@@ -1,6 +1,6 @@
 """`spinbox check`: can this host run spinbox sandboxes? Then prove it by booting one.
 
-Static checks: QEMU (version), KVM (usable or why not), vsock (or why not), the guest kernel and
+Static checks: QEMU (version), KVM, vsock and vhost-net (usable or why not), the guest kernel and
 image in the share dir (kernel.json / image.json versions), runc in the image, virtiofsd,
 containerd on PATH. Then one test VM is booted end to end and a real container runs in it
 through the agent API: `uname -a` in a container whose rootfs is a read-only bind of the guest's
@@ -8,7 +8,7 @@ own root (so the check needs nothing on the host beyond QEMU and the image). Boo
 boot timeline are printed.
 
 Exit status: 0 when everything required is there and the test VM ran the container; 1 otherwise
-(each failure is one line saying what is missing and how to get it). KVM and vsock are optional
+(each failure is one line saying what is missing and how to get it). KVM, vsock and vhost-net are optional
 (TCG and virtio-serial work, only slower): they are reported as warnings.
 """
 from __future__ import annotations
@@ -77,28 +77,22 @@ def check_qemu(r: Report) -> bool:
     return True
 
 
-def check_kvm(r: Report) -> None:
-    usable, why = accel_mod.kvm_status()
-    if usable:
-        r.add(OK, "kvm", f"usable: {why}")
-    else:
-        r.add(WARN, "kvm", f"not usable: {why}; guests run under TCG (slower)")
+# Optional host features: name, status function, (ok word, missing word), what runs without it.
+OPTIONAL_FEATURES = (
+    ("kvm", accel_mod.kvm_status, ("usable", "not usable"), "guests run under TCG (slower)"),
+    ("vsock", accel_mod.vsock_status, ("available", "not available"), "the agent channel uses virtio-serial"),
+    ("vhost-net", accel_mod.vhost_net_status, ("available", "not available"),
+     "sandbox NICs use QEMU's userspace virtio-net"),
+)
 
 
-def check_vhost_net(r: Report) -> None:
-    usable, why = accel_mod.vhost_net_status()
-    if usable:
-        r.add(OK, "vhost-net", f"available: {why}; sandbox NICs use the in-kernel backend")
-    else:
-        r.add(WARN, "vhost-net", f"not available: {why}; sandbox NICs use QEMU's userspace virtio-net")
-
-
-def check_vsock(r: Report) -> None:
-    usable, why = accel_mod.vsock_status()
-    if usable:
-        r.add(OK, "vsock", f"available: {why}")
-    else:
-        r.add(WARN, "vsock", f"not available: {why}; the agent channel uses virtio-serial")
+def check_optional_features(r: Report) -> None:
+    for name, status, (ok_word, missing_word), fallback in OPTIONAL_FEATURES:
+        usable, why = status()
+        if usable:
+            r.add(OK, name, f"{ok_word}: {why}")
+        else:
+            r.add(WARN, name, f"{missing_word}: {why}; {fallback}")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -247,9 +241,7 @@ def run_check(argv: list[str] | None = None) -> int:
     r = Report()
     print(f"spinbox check (share dir {share})", flush=True)
     qemu_ok = check_qemu(r)
-    check_kvm(r)
-    check_vsock(r)
-    check_vhost_net(r)
+    check_optional_features(r)
     files_ok = check_guest_files(r, share)
     check_virtiofsd(r)
     check_containerd(r)

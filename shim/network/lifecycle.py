@@ -84,7 +84,6 @@ class SandboxNetworking:
     net: SandboxNetwork | None = None
     interfaces: list[ConnectedInterface] = field(default_factory=list)
     _netconf: cni.NetworkConfigList | None = None
-    _nics: list = field(default_factory=list)
     _recorded: dict[str, Any] | None = None       # the last state persisted
 
     # -- decide --------------------------------------------------------------------------
@@ -167,7 +166,8 @@ class SandboxNetworking:
         if net is not None:
             try:
                 for p in net.interfaces:
-                    self._nics.append(await devices.add_tap_nic(vm, p.tap_fd, p.config.mac))
+                    # no handle kept: the NIC lives as long as the VM (QEMU's exit frees the TAP)
+                    await devices.add_tap_nic(vm, p.tap_fd, p.config.mac)
             finally:
                 net.close_fds()            # QEMU holds its own copies (or the VM is being torn down)
             req = net.guest_request(hostname=hostname,
@@ -195,7 +195,6 @@ class SandboxNetworking:
         """CNI DEL, TAPs and our netns removed (the VM must be gone: QEMU holds the TAPs).
         Idempotent. A failure keeps the record, so `delete` retries."""
         net, self.net = self.net, None
-        self._nics.clear()
         if net is not None:
             await self.settings.manager().teardown(net)
         elif self._recorded is not None:          # a failed prepare whose undo failed: retry
