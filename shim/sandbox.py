@@ -6,7 +6,7 @@
   host's runc; guest paths are host paths, so nothing needs sharing.
 
 The Task service only sees the `Sandbox` interface: `agent` (shim.agent.AgentClient),
-`share_rootfs`, `share_dirs`, `unshare`, `lost` (set when the agent is gone for good), `stop`.
+`share_rootfs`, `share_binds`, `unshare`, `lost` (set when the agent is gone for good), `stop`.
 `SandboxHolder` starts the sandbox lazily on the first Create and stops it on Shutdown.
 """
 from __future__ import annotations
@@ -164,8 +164,9 @@ class VMSandbox(Sandbox):
     """A microVM per sandbox (production). `boot` is `shim.guest`'s boot function: an awaitable
     returning a Guest with `.vm` (shim.vm.machine.VM), `.agent` and `stop()`.
 
-    Rootfs and bind sources are shared with one virtiofs device each (tag = "rootfs-<n>" /
-    "share-<n>"); the agent mounts the tag (GuestRootfs.mounts) inside the guest.
+    A container's rootfs is shared with one virtiofs device (tag "rootfs-<n>", mounted by the
+    agent as GuestRootfs.mounts), its bind sources, staged by shim.binds, with one more
+    ("binds-<n>", CreateRequest.shares). The network (optional) is set up beside the boot.
     """
 
     def __init__(self, id: str, boot: Callable[[], Awaitable[object]], *, network=None, state=None) -> None:
