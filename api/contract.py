@@ -1,0 +1,55 @@
+"""The wire contract between the shim, vminitd and the tests: one place for every rule both
+sides of the agent channel must agree on.
+
+Nothing here does I/O; vminitd imports it too, so it stays dependency-free (stdlib only).
+
+* ids: containerd's container and exec ids become guest directory names and runc ids, so both
+  sides accept exactly `ID_PATTERN` (checked with `fullmatch`: `re.match` with `$` would accept
+  a trailing newline) and never `..`.
+* pids: anything the guest reports is bounded by Linux's PID_MAX_LIMIT.
+* SHARES_ROOT: where vminitd mounts CreateRequest.shares (`<root>/<container id>/<target>`).
+* version(): the distribution's version, from the installed package metadata.
+* timeouts: the defaults for one agent call and for the guest's shutdown.
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}"
+_ID_RE = re.compile(ID_PATTERN)
+
+PID_MAX = 1 << 22                  # Linux's PID_MAX_LIMIT: no real pid is this large
+SHARES_ROOT = "/run/spinbox/shares"
+
+AGENT_CALL_TIMEOUT_S = 10.0        # one unary agent call (config: timeouts.agent_call_s)
+SHUTDOWN_TIMEOUT_S = 5.0           # the guest's own Shutdown before QEMU is stopped
+
+
+def id_problem(value: object) -> str | None:
+    """Why `value` is not a valid container/exec id, or None when it is."""
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        return f"must match {ID_PATTERN}"
+    if ".." in value:
+        return "must not contain '..'"
+    return None
+
+
+def is_valid_id(value: object) -> bool:
+    return id_problem(value) is None
+
+
+def is_valid_pid(value: object, *, allow_zero: bool = False) -> bool:
+    """A pid the guest may report: 1..PID_MAX-1 (0 only where "no process" is meaningful)."""
+    return isinstance(value, int) and (0 if allow_zero else 1) <= value < PID_MAX
+
+
+@functools.cache
+def version() -> str:
+    """The distribution's version. Read on first use (importlib.metadata costs the guest's boot
+    time otherwise); the guest image carries the code without the metadata: "unknown" there."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+    try:
+        return dist_version("spinbox")
+    except PackageNotFoundError:
+        return "unknown"
