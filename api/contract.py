@@ -4,8 +4,8 @@ sides of the agent channel must agree on.
 Nothing here does I/O; vminitd imports it too, so it stays dependency-free (stdlib only).
 
 * ids: containerd's container and exec ids become guest directory names and runc ids, so both
-  sides accept exactly `ID_PATTERN` (checked with `fullmatch`: `re.match` with `$` would accept
-  a trailing newline) and never `..`.
+  sides accept exactly containerd's identifier rule `ID_PATTERN` (checked with `fullmatch`:
+  `re.match` with `$` would accept a trailing newline), never `..`, at most ID_MAX_LEN long.
 * pids: anything the guest reports is bounded by Linux's PID_MAX_LIMIT.
 * SHARES_ROOT: where vminitd mounts CreateRequest.shares (`<root>/<container id>/<target>`).
 * version(): the distribution's version, from the installed package metadata.
@@ -16,7 +16,10 @@ from __future__ import annotations
 import functools
 import re
 
-ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}"
+# containerd's own identifier rule (namespaces, containers, execs): alphanumeric runs joined by
+# single '.', '_' or '-', at most 76 characters. It cannot spell '..', a separator or a path.
+ID_PATTERN = r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*"
+ID_MAX_LEN = 76
 _ID_RE = re.compile(ID_PATTERN)
 
 PID_MAX = 1 << 22                  # Linux's PID_MAX_LIMIT: no real pid is this large
@@ -28,10 +31,14 @@ SHUTDOWN_TIMEOUT_S = 5.0           # the guest's own Shutdown before QEMU is sto
 
 def id_problem(value: object) -> str | None:
     """Why `value` is not a valid container/exec id, or None when it is."""
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        return f"must match {ID_PATTERN}"
+    if not isinstance(value, str) or not value:
+        return "must not be empty"
+    if len(value) > ID_MAX_LEN:
+        return f"longer than {ID_MAX_LEN} characters"
     if ".." in value:
         return "must not contain '..'"
+    if not _ID_RE.fullmatch(value):
+        return f"must match {ID_PATTERN}"
     return None
 
 
@@ -47,8 +54,13 @@ def is_valid_pid(value: object, *, allow_zero: bool = False) -> bool:
 @functools.cache
 def version() -> str:
     """The distribution's version. Read on first use (importlib.metadata costs the guest's boot
-    time otherwise); the guest image carries the code without the metadata: "unknown" there."""
-    from importlib.metadata import PackageNotFoundError, version as dist_version
+    time otherwise); the guest image carries the code without the metadata, and without the
+    `email` package that importlib.metadata imports: "unknown" there."""
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+    except ImportError:
+        return "unknown"
     try:
         return dist_version("spinbox")
     except PackageNotFoundError:

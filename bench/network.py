@@ -328,7 +328,7 @@ class NetBench:
         for id in list(self.containers):
             step(f"stop {id}", self.stop, id)
         for name, conf, rt in self.netns:
-            step(f"CNI DEL {name}", lambda: asyncio.run(self.cni.delete(conf, rt)))
+            step(f"CNI DEL {name}", lambda conf=conf, rt=rt: asyncio.run(self.cni.delete(conf, rt)))
             step(f"netns del {name}", _sh, "ip", "netns", "del", name)
         self.netns = []
         if self.c is not None:

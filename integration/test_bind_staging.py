@@ -8,7 +8,7 @@ import os
 import pytest
 
 from spinbox.shim import binds
-from spinbox.shim.rootfs import is_mountpoint
+from spinbox.shim.mounts import is_mountpoint
 from spinbox.shim.spec import BindMount
 from spinbox.shim.state import release as release_record
 
@@ -69,12 +69,12 @@ def test_a_failed_stage_leaves_nothing(tmp_path):
     assert not stage_dir.exists()
 
 
-def test_state_dir_releaser_unmounts_after_a_crash(tmp_path):
+async def test_state_dir_releaser_unmounts_after_a_crash(tmp_path):
     vol, _ = _tree(tmp_path)
     stage_dir = tmp_path / "stage"
     binds.stage([BindMount(1, str(vol), "/data", readonly=False, is_dir=True)], stage_dir)
     assert is_mountpoint(stage_dir / "b0")
     # what `delete` does from state.json after a crashed shim
-    release_record({"kind": "dir", "key": str(stage_dir), "path": str(stage_dir)})
+    await release_record({"kind": "dir", "key": str(stage_dir), "path": str(stage_dir)})
     assert not stage_dir.exists()
     assert (vol / "data.txt").read_text() == "volume\n", "the source is untouched"

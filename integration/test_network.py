@@ -22,7 +22,7 @@ import pytest
 
 from integration.fakeguest import FakeGuest
 from spinbox.shim.network import cni, netns, plumbing, tap
-from spinbox.shim.network.sandbox import NetworkManager
+from spinbox.shim.network.host import HostNetworks
 
 pytestmark = pytest.mark.integration
 
@@ -80,8 +80,8 @@ class Env:
         bridge.update(bridge_over)
         return {"cniVersion": "1.0.0", "name": self.netname, "plugins": [bridge, {"type": "loopback"}]}
 
-    def manager(self, **kw) -> NetworkManager:
-        return NetworkManager(conf_dir=str(self.dir / "net.d"), bin_dirs=[CNI_BIN],
+    def manager(self, **kw) -> HostNetworks:
+        return HostNetworks(conf_dir=str(self.dir / "net.d"), bin_dirs=[CNI_BIN],
                               cache_dir=str(self.dir / "cache"), lock_path=str(self.dir / "cni.lock"),
                               host_resolv_conf=None, **kw)
 
@@ -136,7 +136,7 @@ async def test_add_plumb_traffic_check_del(env):
         ips = net.cni_result["ips"]
         addr = ipaddress.ip_interface(ips[0]["address"])
         assert addr.ip in env.subnet and net.cni_result["cniVersion"] == "1.0.0"
-        links = {l["ifname"]: l for l in netns_json(name, "addr show")}
+        links = {link["ifname"]: link for link in netns_json(name, "addr show")}
         assert str(addr.ip) in [a["local"] for a in links["eth0"]["addr_info"]]
         assert env.leases() == [str(addr.ip)]
         assert persisted[-1]["taps"] == ["tap0_sbx"] and persisted[-1]["netns"] == net.netns_path
@@ -207,11 +207,11 @@ async def test_broken_configs_and_missing_plugin_leave_nothing(env):
     confdir.mkdir()
     (confdir / "10-broken.conflist").write_text('{"cniVersion": "1.0.0", "name": "x", "plugins": [')
     sid = env.sandbox_id()
-    with pytest.raises(cni.ConfigError, match="10-broken.conflist is not valid JSON"):
+    with pytest.raises(cni.CNIConfigError, match="10-broken.conflist is not valid JSON"):
         await mgr.setup(sid)
     notype = env.conflist()
     del notype["plugins"][0]["type"]
-    with pytest.raises(cni.ConfigError, match=r"plugins\[0\] has no 'type'"):
+    with pytest.raises(cni.CNIConfigError, match=r"plugins\[0\] has no 'type'"):
         await mgr.setup(sid, notype)
     missing = env.conflist()
     missing["plugins"].append({"type": "spbt-nosuch"})
@@ -231,7 +231,7 @@ async def test_plugin_error_is_surfaced_and_rolled_back(env):
     with pytest.raises(cni.CNIError) as ei:
         await mgr.setup(sid, bad)
     e = ei.value
-    assert e.plugin == "bridge" and e.command == "ADD" and e.code is not None
+    assert e.plugin == "bridge" and e.command == "ADD" and e.cni_code is not None
     assert "10.1.2.3/33" in str(e) and e.msg and e.msg in str(e)       # the plugin's own message
     assert e.cleanup_errors and "invalid CIDR address: 10.1.2.3/33" in e.cleanup_errors[0]
     assert not os.path.exists(netns.path_of(f"spinbox-{sid}"))
@@ -340,7 +340,7 @@ def test_guest_configure_with_netlink(guest_ns):
         assert routes["192.168.50.0/24"]["metric"] == 7 and routes["192.168.50.0/24"]["scope"] == "link"
         r6 = {r["dst"]: r for r in netns_json(name, "-6 route show")}
         assert r6["fd00:99::/64"]["gateway"] == "fd00:77::1" and r6["fd00:99::/64"]["metric"] == 5
-        assert not any(l["ifname"].startswith("sbxtmp") for l in netns_json(name, "link show"))
+        assert not any(link["ifname"].startswith("sbxtmp") for link in netns_json(name, "link show"))
     assert (etc / "resolv.conf").read_text().splitlines()[1:] == ["search example.test", "nameserver 10.77.0.10"]
     hosts = (etc / "hosts").read_text()
     assert "10.77.0.5\tguest-a" in hosts and "10.77.0.9\tpeer" in hosts
@@ -363,7 +363,7 @@ def test_guest_configure_swaps_names(guest_ns):
     rc, out = guest_configure(name, req, etc)
     assert rc == 0, out
     assert out["response"]["interfaces"] == [{"mac": a, "name": "eth0"}, {"mac": b, "name": "eth1"}]
-    links = {l["ifname"]: l for l in netns_json(name, "addr show")}
+    links = {link["ifname"]: link for link in netns_json(name, "addr show")}
     assert links["eth0"]["address"] == a and links["eth1"]["address"] == b and "sbxtmp0" in links
     assert [x["local"] for x in links["eth0"]["addr_info"] if x["family"] == "inet"] == ["10.78.0.2"]
     assert "sbxtmp1" not in links

@@ -156,7 +156,7 @@ def _container_pids(root: Path) -> list[int]:
 @pytest.fixture
 async def env():
     from spinbox.shim.sandbox import LocalSandbox
-    from spinbox.shim.task_service import register
+    from spinbox.shim.assembly import build_task_service
     tmp = Path(tempfile.mkdtemp(prefix="tsl-", dir="/tmp"))
     pub = RecordingPublisher()
     exits = []
@@ -168,9 +168,9 @@ async def env():
         sandboxes.append(sb)
         return sb
 
-    ctx = SimpleNamespace(sandbox_factory=factory, publisher=pub, namespace="testns",
-                          request_exit=lambda: exits.append(True), drain_timeout=30)
-    svc = register(server, ctx)
+    svc = build_task_service(factory, pub, namespace="testns", request_exit=lambda: exits.append(True),
+                             drain_timeout=30, agent_timeout=60)
+    svc.register(server)
     sock = tmp / "shim.sock"
     await server.serve_unix(str(sock))
     client = await ttrpc.connect_unix(f"unix://{sock}")
@@ -227,7 +227,7 @@ async def test_run_stdout_stderr_exit_code_and_event_order(env):
     assert (exit_ev.id, exit_ev.pid, exit_ev.exit_status) == ("c1", c.pid, 7)
     with pytest.raises(ttrpc.NotFound):
         await env.task.State(shim_pb2.StateRequest(id="c1"))
-    assert "c1" not in env.svc.containers
+    assert "c1" not in env.svc.manager.containers
 
 
 async def test_kill_exec_pids_pause_stats_and_errors(env):

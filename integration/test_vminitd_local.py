@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import spinbox.vminitd
 from spinbox.api._pb.spinbox.agent.v1 import containers_pb2 as cpb
 from spinbox.api._pb.spinbox.agent.v1 import events_pb2 as epb
 from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
@@ -52,7 +53,6 @@ class Agent:
                           window: int = 1 << 20, limit: int | None = None) -> tuple[bytes, bool]:
         """Read a stream to its acknowledged EOF (True) or until `limit` bytes (False, stream
         left open unacknowledged as a crashing host would)."""
-        import ttrpc
         s = await self.client.open_stream(SVC + "Stdio", "Output", spb.OutputServer,
                                           client_streaming=True, server_streaming=True)
         await s.send(spb.OutputClient(open=spb.OutputOpen(id=id, exec_id=exec_id, fd=fd, offset=offset,
@@ -421,6 +421,30 @@ async def test_oom_event_before_exit(env):
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def _pid1_argv(vminitd: list[str]) -> list[str]:
+    """`vminitd` run as PID 1 of new pid+mount+uts namespaces.
+
+    PID 1 mode mounts fresh tmpfs on /run and /tmp, as the VM needs: there the code lives in
+    the image's /usr/lib/spinbox. A checkout or venv under one of them (a clone in /tmp) would
+    vanish under that mount, and with it the modules the agent imports after start-up. Such a
+    folder is bind-mounted onto itself first, in the private mount namespace: PID 1 mode leaves
+    a target that is already a mount point alone (the image's stage-2 script may mount some).
+    """
+    import google.protobuf
+    import ttrpc
+
+    from spinbox.vminitd import init
+    code = [Path(m.__file__).resolve().parent for m in (spinbox.vminitd, ttrpc, google.protobuf)]
+    code.append(Path(sys.prefix).resolve())
+    hidden = [target for _, target, _, _ in init.BASE_MOUNTS
+              if any(p.is_relative_to(target) for p in code)]
+    unshare = ["unshare", "--mount", "--pid", "--uts", "--fork", "--propagation", "private"]
+    if not hidden:
+        return unshare + vminitd
+    keep = 'for d in $KEEP; do mount --bind "$d" "$d" || exit 1; done; exec "$@"'
+    return unshare + ["env", f"KEEP={' '.join(hidden)}", "sh", "-c", keep, "sh"] + vminitd
+
+
 async def test_pid1_mode_in_a_pid_namespace():
     """vminitd as PID 1 (of a new pid+mount+uts namespace): PID 1 setup runs, Info says pid1,
     and System.Shutdown powers off (reboot(2) in a pid namespace ends its init)."""
@@ -429,10 +453,9 @@ async def test_pid1_mode_in_a_pid_namespace():
     tmp = Path(tempfile.mkdtemp(prefix="vmi-pid1-", dir="/var/tmp"))
     sock = tmp / "a.sock"
     log = open(tmp / "log", "wb")
-    proc = subprocess.Popen(["unshare", "--mount", "--pid", "--uts", "--fork", "--propagation", "private",
-                             sys.executable, "-m", "spinbox.vminitd.main", "--listen", f"unix:{sock}",
-                             "--state-dir", str(tmp / "state")], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(_pid1_argv([sys.executable, "-m", "spinbox.vminitd.main", "--listen", f"unix:{sock}",
+                                        "--state-dir", str(tmp / "state")]),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         for _ in range(300):
             if sock.exists() or proc.poll() is not None:

@@ -12,38 +12,37 @@ Sharing a file's parent directory instead would hand the guest everything beside
 bind is read-only on the host side too, so a compromised guest cannot write through it.
 
 All mounts are made before virtiofsd starts (it sees the tree as it is then: no propagation
-needed). `release` unmounts and removes the staging directory; shim.state's "dir" releaser
-does the same after a crash (it unmounts before it removes).
+needed). `release` unmounts and removes the staging directory; after a crash the staging dir's
+"dir" state record is released the same way (`release_dir_record`, registered here).
 """
 from __future__ import annotations
 
-import ctypes
+import asyncio
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .rootfs import RootfsError, unmount_all
-from .spec import BindMount
+from spinbox.shim import mounts, releasers
+from spinbox.shim.errors import HostError
+from spinbox.shim.spec import BindMount
 
-_libc = ctypes.CDLL(None, use_errno=True)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
+log = logging.getLogger(__name__)
+
+# never removed, whatever a state file says (a "dir" record is a staging dir below these)
+_REFUSED_DIRS = ("", "/run", "/tmp", "/var", "/var/run")
 
 
-class BindError(RuntimeError):
-    pass
+class BindError(HostError):
+    """A bind source could not be staged or a staging dir released (names the path)."""
 
 
 @dataclass
 class StagedBinds:
     dir: Path
     paths: dict[int, str] = field(default_factory=dict)   # spec mount index -> path under dir
-
-
-def _mount(source: str, target: str, flags: int) -> None:
-    if _libc.mount(source.encode(), target.encode(), None, flags, None) != 0:
-        err = ctypes.get_errno()
-        raise BindError(f"mount --bind {source} {target}: {os.strerror(err)}")
 
 
 def stage(binds: list[BindMount], dir: str | os.PathLike[str]) -> StagedBinds:
@@ -59,10 +58,12 @@ def stage(binds: list[BindMount], dir: str | os.PathLike[str]) -> StagedBinds:
             if not b.is_dir:
                 target = slot / (os.path.basename(b.source) or "file")
                 target.touch()
-            _mount(b.source, str(target), MS_BIND | (MS_REC if b.is_dir else 0))
-            if b.readonly:
-                # a bind mount ignores MS_RDONLY until it is remounted
-                _mount("", str(target), MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+            try:
+                mounts.bind(b.source, str(target), recursive=b.is_dir)
+                if b.readonly:
+                    mounts.remount_bind_readonly(str(target))
+            except mounts.MountError as e:
+                raise BindError(str(e)) from None
             staged.paths[b.index] = str(target.relative_to(d))
     except BaseException:
         release(d)
@@ -76,7 +77,20 @@ def release(dir: str | os.PathLike[str]) -> None:
     if not d.exists():
         return
     try:
-        unmount_all(d)
-    except RootfsError as e:
+        mounts.unmount_all(d)
+    except mounts.MountError as e:
         raise BindError(str(e)) from None
-    shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(d, ignore_errors=True)   # only after: never recurse into a mounted source
+
+
+@releasers.releaser("dir")
+async def release_dir_record(r: dict[str, Any]) -> str:
+    """A "dir" record (a bind staging dir whose shim crashed): unmount, then remove the tree."""
+    path = r["path"]
+    if not os.path.isabs(path) or path.rstrip("/") in _REFUSED_DIRS:
+        return f"refused to remove {path!r}"
+    if not os.path.lexists(path):
+        return f"{path} already gone"
+    await asyncio.to_thread(mounts.unmount_all, path)
+    shutil.rmtree(path, ignore_errors=True)
+    return f"removed {path}"

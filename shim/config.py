@@ -78,7 +78,6 @@ class RuntimeConfig:
     accel: str = _choice("auto", "auto", "kvm", "tcg")
     machine: str = _choice("q35", "q35", "microvm")
     transport: str = _choice("auto", "auto", "vsock", "virtio-serial")
-    oci_runtime: str = _choice("runc", "runc", "crun")   # OCI runtime inside the guest
     # q35: PCIe ports for hot-plugged devices. A pod uses one per NIC and two per running
     # container (its rootfs share, its bind-mount share); freed when the container is deleted.
     pci_hotplug_ports: int = _num(16, 0, 32)

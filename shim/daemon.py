@@ -6,8 +6,7 @@
   fd 4: readiness pipe — "ready\n" once the TTRPC server accepts, or "error: <why>\n".
 * Logs go to containerd's `<bundle>/log` FIFO (containerd copies it into its own log), or to
   `<state>/<ns>/<group>/shim.log` when nobody reads the FIFO.
-* Services: `spinbox.shim.task_service.build_services(server, ctx)` if that module exists,
-  else a Task service that answers UNIMPLEMENTED with a clear message except Connect/Shutdown.
+* Services: the Task API, built by `shim.assembly.vm_task_service` (a VM per sandbox).
 * Exit: `ctx.request_shutdown()` (the Task service's Shutdown with no task left) or
   SIGTERM/SIGINT → stop serving → cleanups registered with `ctx.add_cleanup` (newest first) →
   flush events → release whatever the state still records → remove the state → exit 0.
@@ -17,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import importlib
 import inspect
 import logging
 import os
@@ -25,21 +23,22 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import any_pb2, empty_pb2
-from google.protobuf.message import Message
+from google.protobuf import any_pb2
 
 import ttrpc
 from spinbox.shim import config as config_mod
-from spinbox.shim.manager import VERSION, ShimArgs, socket_path
+from spinbox.api import contract
+from spinbox.shim.assembly import vm_task_service
+from spinbox.shim.manager import ShimArgs, socket_path
 from spinbox.shim.publisher import Publisher
 from spinbox.shim.state import GroupLock, GroupPaths, State, cleanup_all
 
-log = logging.getLogger("spinbox.shim")
+log = logging.getLogger(__name__)
 
 LISTEN_FD = 3
 READY_FD = 4
@@ -50,20 +49,13 @@ EVENT_FLUSH_S = 5.0
 
 @dataclass
 class ShimContext:
-    """What the daemon hands the Task service (build_services)."""
+    """The daemon's own state: what it serves, and what runs at its exit."""
     namespace: str
-    task_id: str                 # the task whose `start` spawned this daemon
-    group: str                   # sandbox group id (== task_id outside pods)
-    bundle: Path                 # that task's bundle (the daemon's cwd)
-    address: str                 # unix://... this daemon serves
+    group: str                   # sandbox group id (== the task id outside pods)
     config: config_mod.SpinboxConfig
-    options: any_pb2.Any | None  # runtime options `start` received (CreateTaskRequest has them too)
     paths: GroupPaths
     state: State
     publisher: Publisher
-    debug: bool = False
-    grpc_address: str = ""
-    publish_binary: str = ""
     _shutdown: asyncio.Event = field(default_factory=asyncio.Event)
     _cleanups: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
 
@@ -81,69 +73,13 @@ class ShimContext:
         """Run `fn()` (sync or async) at exit, newest first, before the state is released."""
         self._cleanups.append((what, fn))
 
-    async def publish(self, topic: str, event: Message) -> None:
-        """Queue a task event for containerd in this daemon's namespace (ordered)."""
-        await self.publisher.publish(self.namespace, topic, event)
 
-
-# ---------------------------------------------------------------------------------------------
-# the placeholder Task service
-
-class UnimplementedTask:
-    """Until spinbox.shim.task_service exists: every call fails with UNIMPLEMENTED naming why,
-    except Connect (containerd's liveness probe) and Shutdown (so the daemon can go away)."""
-
-    def __init__(self, ctx: ShimContext, version: int):
-        self.ctx = ctx
-        from spinbox.api._pb.containerd.task.v2 import shim_pb2 as v2
-        from spinbox.api._pb.containerd.task.v3 import shim_pb2 as v3
-        self.pb = v2 if version == 2 else v3
-
-    async def Connect(self, request, cctx):
-        return self.pb.ConnectResponse(shim_pid=os.getpid(), task_pid=0, version=VERSION)
-
-    async def Shutdown(self, request, cctx):
-        self.ctx.request_shutdown()
-        return empty_pb2.Empty()
-
-
-def _unimplemented(name: str):
-    async def handler(self, request, cctx):
-        raise ttrpc.Unimplemented(
-            f"spinbox shim {VERSION}: Task.{name} is not available: the Task service "
-            f"(spinbox.shim.task_service) is not installed")
-    handler.__name__ = name
-    return handler
-
-
-def _fill_unimplemented() -> None:
-    from spinbox.api._pb.containerd.task.v2 import shim_pb2
-    for m in shim_pb2.DESCRIPTOR.services_by_name["Task"].methods:
-        if not hasattr(UnimplementedTask, m.name):
-            setattr(UnimplementedTask, m.name, _unimplemented(m.name))
-
-
-_fill_unimplemented()
-
-
-async def build_services(server: ttrpc.Server, ctx: ShimContext) -> None:
-    try:
-        mod = importlib.import_module("spinbox.shim.task_service")
-    except ModuleNotFoundError as e:
-        if e.name != "spinbox.shim.task_service":
-            raise
-        mod = None
-    if mod is not None:
-        res = mod.build_services(server, ctx)
-        if inspect.isawaitable(res):
-            await res
-        return
-    from spinbox.api._pb.containerd.task.v2 import shim_pb2 as v2
-    from spinbox.api._pb.containerd.task.v3 import shim_pb2 as v3
-    server.register(v2.DESCRIPTOR.services_by_name["Task"], UnimplementedTask(ctx, 2))
-    server.register(v3.DESCRIPTOR.services_by_name["Task"], UnimplementedTask(ctx, 3))
-    log.warning("spinbox.shim.task_service not installed: serving a Task service that answers "
-                "UNIMPLEMENTED")
+def build_services(server: ttrpc.Server, ctx: ShimContext) -> None:
+    """Serve the Task API (v2 and v3) for this daemon's sandbox; its close runs at exit."""
+    svc = vm_task_service(group=ctx.group, namespace=ctx.namespace, config=ctx.config, paths=ctx.paths,
+                          state=ctx.state, publisher=ctx.publisher, request_exit=ctx.request_shutdown)
+    svc.register(server)
+    ctx.add_cleanup("task service", svc.close)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,27 +181,24 @@ def serve(args: ShimArgs) -> int:
     except Exception as e:
         _ready(f"error: shim daemon setup failed: {e}")
         return 1
-    log.info("spinbox shim %s serving %s (task %s, log %s, config %s)", VERSION, args.socket,
+    log.info("spinbox shim %s serving %s (task %s, log %s, config %s)", contract.version(), args.socket,
              args.id, where, " + ".join(cfg.sources) or "defaults")
     try:
-        return asyncio.run(_serve(args, bundle, group, cfg, options, paths))
+        return asyncio.run(_serve(args, group, cfg, paths))
     except Exception as e:
         log.exception("shim daemon failed")
         _ready(f"error: shim daemon failed: {e}")
         return 1
 
 
-async def _serve(args: ShimArgs, bundle: Path, group: str, cfg: config_mod.SpinboxConfig,
-                 options: any_pb2.Any | None, paths: GroupPaths) -> int:
+async def _serve(args: ShimArgs, group: str, cfg: config_mod.SpinboxConfig, paths: GroupPaths) -> int:
     state = State.open(paths)
     address = args.socket if args.socket.startswith("unix://") else "unix://" + args.socket
     state.set_daemon(os.getpid(), address)
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), publish_binary=args.publish_binary or None,
                           grpc_address=args.address or None)
-    ctx = ShimContext(namespace=args.namespace, task_id=args.id, group=group, bundle=bundle,
-                      address=address, config=cfg, options=options, paths=paths, state=state,
-                      publisher=publisher, debug=args.debug, grpc_address=args.address,
-                      publish_binary=args.publish_binary)
+    ctx = ShimContext(namespace=args.namespace, group=group, config=cfg, paths=paths, state=state,
+                      publisher=publisher)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.request_shutdown)
@@ -276,7 +209,7 @@ async def _serve(args: ShimArgs, bundle: Path, group: str, cfg: config_mod.Spinb
         st = os.stat(path)
         state.record("socket", path, path=path, ino=st.st_ino, dev=st.st_dev)
     try:
-        await build_services(server, ctx)
+        build_services(server, ctx)
         await server.serve_listener(listener, require_same_user=True)
     except BaseException:
         await _finish(ctx, server)
@@ -306,7 +239,7 @@ async def _finish(ctx: ShimContext, server: ttrpc.Server) -> None:
     await asyncio.to_thread(lock.acquire)
     removed = False
     try:
-        report = cleanup_all(ctx.state)
+        report = await cleanup_all(ctx.state)
         for line in report.done:
             log.info("cleanup: %s", line)
         for line in report.failed:

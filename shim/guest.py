@@ -20,10 +20,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spinbox.api import contract
+
 from .agent import AgentClient, AgentError
 from .vm import VM, VMConfig
 
-log = logging.getLogger("spinbox.guest")
+log = logging.getLogger(__name__)
 
 # console lines printed by the guest image (initrd/README.md) → timeline keys
 _GUEST_MARKS = (
@@ -33,7 +35,7 @@ _GUEST_MARKS = (
     ("guest_vminitd_started", re.compile(r"spinbox-init: vminitd started\b.*?t=([0-9.]+)")),
     ("guest_agent_ready", re.compile(r"vminitd: ready in ([0-9.]+)s")),
 )
-SHUTDOWN_TIMEOUT_S = 5.0
+SHUTDOWN_TIMEOUT_S = contract.SHUTDOWN_TIMEOUT_S
 
 
 @dataclass

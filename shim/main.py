@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 import sys
 
-from spinbox.shim.manager import VERSION, ShimError, parse_args
+from spinbox.shim.manager import ShimError, parse_args
 
-__all__ = ["VERSION", "main"]
+__all__ = ["main"]
 
 
 def _read_stdin() -> bytes:

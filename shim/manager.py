@@ -18,12 +18,12 @@
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import re
 import select
 import signal
 import socket
@@ -36,13 +36,15 @@ from typing import Any
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
+from spinbox.api import contract
 from spinbox.shim import config as config_mod
-from spinbox.shim.state import GroupLock, GroupPaths, State, StateError, cleanup_all, unmount_all
+from spinbox.shim.errors import SpinboxError
+from spinbox.shim.mounts import unmount_all
+from spinbox.shim.state import GroupLock, GroupPaths, State, StateError, cleanup_all
 from spinbox.shim.vm import procinfo
 
 RUNTIME_NAME = "io.containerd.spinbox.v1"
 BINARY_NAME = "containerd-shim-spinbox-v1"
-VERSION = "0.1.0"
 # 2 = containerd.task.v2.Task, what every containerd from 1.6 on speaks; the plain-address
 # answer means 2 as well, so all containerd versions drive the shim the same way.
 SHIM_PROTOCOL_VERSION = 2
@@ -53,10 +55,9 @@ GROUP_ANNOTATIONS = ("io.containerd.spinbox.v1.group", "spinbox.io/sandbox",
 STDIN_MAX = 10 << 20         # containerd's own cap on what it reads from a shim's stdin
 READY_TIMEOUT_S = 30.0       # daemon spawn -> serving (Python start-up on a loaded 2-core host)
 DELETE_DAEMON_WAIT_S = 1.5   # delete: let a daemon that is shutting down finish by itself
-_ID_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")  # containerd identifiers
 
 
-class ShimError(Exception):
+class ShimError(SpinboxError):
     """A failure containerd should see verbatim (start prints it and exits 1)."""
 
 
@@ -121,8 +122,9 @@ def check_identifiers(args: ShimArgs) -> None:
     for what, value in (("namespace", args.namespace), ("id", args.id)):
         if not value:
             raise ShimError(f"-{what} is required")
-        if len(value) > 76 or not _ID_RE.match(value):
-            raise ShimError(f"invalid -{what} {value!r}: not a containerd identifier")
+        problem = contract.id_problem(value)
+        if problem is not None:
+            raise ShimError(f"invalid -{what} {value!r}: not a containerd identifier ({problem})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +148,7 @@ def group_id(task_id: str, annotations: dict[str, str]) -> str:
     for key in GROUP_ANNOTATIONS:
         value = annotations.get(key)
         if value:
-            if len(value) > 76 or not _ID_RE.match(value):
+            if not contract.is_valid_id(value):
                 raise ShimError(f"annotation {key}={value!r} is not a valid sandbox id")
             return value
     return task_id
@@ -328,7 +330,7 @@ def _discard_stale_group(paths: GroupPaths) -> None:
     d = old.daemon
     if d and isinstance(d.get("pid"), int) and isinstance(d.get("start_time"), int):
         procinfo.kill_verified(d["pid"], d["start_time"], None, timeout=2.0, group=False)
-    report = cleanup_all(old)
+    report = asyncio.run(cleanup_all(old))
     if report.failed:
         raise ShimError(f"cannot clean up the previous shim of group {paths.group}: "
                         + "; ".join(report.failed))
@@ -397,7 +399,7 @@ def _start_daemon(args: ShimArgs, group: str, address: str, paths: GroupPaths, b
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-        cleanup_all(state)
+        asyncio.run(cleanup_all(state))
         state.remove_files()
         raise
     finally:
@@ -487,7 +489,7 @@ def _delete_group(args: ShimArgs, group: str, paths: GroupPaths, out: DeleteOutc
         if st.daemon_alive():
             if procinfo.kill_verified(d["pid"], d["start_time"], None, timeout=1.0, group=False):
                 out.done.append(f"killed shim daemon pid {d['pid']}")
-        report = cleanup_all(st)
+        report = asyncio.run(cleanup_all(st))
         out.done += report.done
         out.warnings += report.failed
         if report.ok:
@@ -517,7 +519,7 @@ def delete_response(out: DeleteOutcome) -> bytes:
 # -v, -info
 
 def version_text() -> str:
-    return (f"{BINARY_NAME}:\n  Version:  {VERSION}\n  Runtime:  {RUNTIME_NAME}\n"
+    return (f"{BINARY_NAME}:\n  Version:  {contract.version()}\n  Runtime:  {RUNTIME_NAME}\n"
             f"  Python:   {sys.version.split()[0]}\n")
 
 
@@ -526,7 +528,7 @@ def runtime_info(stdin: bytes) -> bytes:
     from spinbox.api._pb.containerd.types import introspection_pb2
 
     info = introspection_pb2.RuntimeInfo(
-        name=RUNTIME_NAME, version=introspection_pb2.RuntimeVersion(version=VERSION, revision=""))
+        name=RUNTIME_NAME, version=introspection_pb2.RuntimeVersion(version=contract.version(), revision=""))
     if stdin:
         opts = any_pb2.Any()
         try:

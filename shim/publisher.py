@@ -27,7 +27,7 @@ from spinbox.api import types
 from spinbox.api._pb.containerd.services.ttrpc.events.v1 import events_pb2
 from spinbox.api._pb.containerd.types import event_pb2
 
-log = logging.getLogger("spinbox.shim.publisher")
+log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 2048
 FORWARD_TIMEOUT_S = 5.0

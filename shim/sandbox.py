@@ -1,13 +1,14 @@
-"""The agent endpoint of a sandbox: where the containers of one shim run.
+"""The sandbox: where the containers of one shim run, and what is attached to it.
 
-* `VMSandbox` (production): a QEMU microVM booted through `shim.guest`, rootfs and bind
-  sources shared into it with virtiofs hot-attached through `shim.vm.devices`.
+* `VMSandbox` (production): a QEMU microVM with vminitd (shim.guest), plus the host side of its
+  network (shim.network) and the virtiofs shares of each container's rootfs and bind sources.
 * `LocalSandbox` (tests, debugging): a `vminitd --listen unix:...` process on the host using the
   host's runc; guest paths are host paths, so nothing needs sharing.
 
-The Task service only sees the `Sandbox` interface: `agent` (shim.agent.AgentClient),
-`share_rootfs`, `share_binds`, `unshare`, `lost` (set when the agent is gone for good), `stop`.
-`SandboxHolder` starts the sandbox lazily on the first Create and stops it on Shutdown.
+The container manager (shim.containers) sees the `Sandbox` interface only: `start(spec)`,
+`agent_client`, `guest_events`, `share_rootfs`, `share_binds`, `unshare`, `lost` (set when the
+agent is gone for good) and `stop()`, the one stop path. The lifecycle is a table
+(shim.states.SandboxMachine): new -> starting -> ready [-> lost] -> stopping -> stopped.
 """
 from __future__ import annotations
 
@@ -19,60 +20,122 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import ttrpc
+from spinbox.api.contract import SHARES_ROOT
 
-log = logging.getLogger("spinbox.shim.sandbox")
+from . import binds as binds_mod
+from .agent import AgentClient, AgentEvent, Mount
+from .errors import FailedPrecondition, GuestUnavailable, HostError
+from .guest import Guest
+from .network.plan import guest_hostname
+from .spec import BindMount
+from .states import SandboxMachine, SandboxState
+from .state import State
+from .vm import devices
 
+if TYPE_CHECKING:
+    from .network.attachment import NetworkAttachment
+
+log = logging.getLogger(__name__)
+
+
+class LocalSandboxError(HostError):
+    """The local vminitd did not come up."""
 
 
 @dataclass
 class GuestRootfs:
     """How the guest finds a container's rootfs: a guest directory, or mounts the agent makes."""
     path: str = ""
-    mounts: list = field(default_factory=list)     # shim.agent.Mount
+    mounts: list[Mount] = field(default_factory=list)
     readonly: bool = False
 
 
 @dataclass
 class SharedBinds:
     sources: dict[int, str] | None = None       # bind index -> guest path of its source
-    mounts: list = field(default_factory=list)  # shim.agent.Mount for CreateRequest.shares
+    mounts: list[Mount] = field(default_factory=list)   # for CreateRequest.shares
 
 
 class Sandbox:
-    """Base class; see the module docstring."""
-
-    id: str
-    agent = None          # shim.agent.AgentClient once started
-    lost: asyncio.Event   # the agent is gone for good (VM died / agent process exited)
+    """Base class: the lifecycle (shim.states.SandboxMachine) and the one stop path. Subclasses
+    implement `_start`, `_stop` and the sharing methods; nobody else changes the state."""
 
     def __init__(self, id: str) -> None:
         self.id = id
+        self.machine = SandboxMachine(id)
+        self.agent: AgentClient | None = None
+        # Set when the agent is gone for good (the VM or the agent process died, or stop()):
+        # the exits of every live process are then reported by the event follower.
         self.lost = asyncio.Event()
+        self._stopped: asyncio.Future[None] | None = None
 
     @property
-    def agent_client(self):
+    def state(self) -> SandboxState:
+        return self.machine.state
+
+    @property
+    def agent_client(self) -> AgentClient:
         if self.agent is None:
-            raise ttrpc.Unavailable(f"sandbox {self.id} has no agent connection")
+            raise GuestUnavailable(f"sandbox {self.id} has no agent connection")
         return self.agent
 
-    async def start(self, spec: dict | None = None) -> None:
-        """Boot the sandbox; `spec` is the first container's OCI spec (it decides the network)."""
-        raise NotImplementedError
+    def guest_events(self, after_seq: int) -> AsyncIterator[AgentEvent]:
+        return self.agent_client.events(after_seq=after_seq)
+
+    async def start(self, spec: dict[str, Any] | None = None) -> None:
+        """Boot the sandbox; `spec` is the first container's OCI spec (it decides the network).
+        On failure (or cancellation) everything started is stopped before the error leaves."""
+        if not self.machine.apply("start"):
+            raise FailedPrecondition(f"sandbox {self.id} is {self.state.value}: cannot start it")
+        try:
+            await self._start(spec or {})
+            if not self.machine.apply("ready"):      # lost while starting (QEMU died)
+                raise GuestUnavailable(f"sandbox {self.id} was {self.state.value} while starting")
+        except BaseException:
+            try:
+                await self.stop()
+            except Exception as e:
+                log.warning("stopping sandbox %s that failed to start: %s", self.id, e)
+            raise
+        log.info("sandbox %s ready", self.id)
+
+    def mark_lost(self) -> None:
+        """The VM layer's verdict: the agent can never answer again."""
+        if self.machine.apply("lost"):
+            log.error("sandbox %s lost", self.id)
+        self.lost.set()
 
     async def stop(self) -> None:
+        """The one stop path: idempotent; a second caller waits for the first one's stop."""
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)
+            return
+        self._stopped = asyncio.get_running_loop().create_future()
+        self.machine.apply("stop")
+        try:
+            await self._stop()
+        finally:
+            self.machine.apply("stopped")
+            self.lost.set()
+            self._stopped.set_result(None)
+
+    async def _start(self, spec: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
         raise NotImplementedError
 
     async def share_rootfs(self, container_id: str, host_rootfs: Path) -> GuestRootfs:
         raise NotImplementedError
 
-    async def share_binds(self, container_id: str, binds: list) -> SharedBinds:
-        """Make the sources of a container's bind mounts (shim.spec.BindMount) visible in the
-        guest; `SharedBinds.sources` None means guest paths are host paths."""
+    async def share_binds(self, container_id: str, binds: list[BindMount]) -> SharedBinds:
+        """Make the sources of a container's bind mounts visible in the guest;
+        `SharedBinds.sources` None means guest paths are host paths."""
         raise NotImplementedError
 
     async def unshare(self, container_id: str) -> None:
@@ -92,40 +155,39 @@ class LocalSandbox(Sandbox):
         self.runc = runc
         self.drain_timeout = drain_timeout
         self.boot_timeout = boot_timeout
-        self.proc: subprocess.Popen | None = None
-        self._log = None
-        self._watch: asyncio.Task | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: BinaryIO | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def socket(self) -> Path:
         return self.dir / "agent.sock"
 
-    async def start(self, spec: dict | None = None) -> None:
+    async def _start(self, spec: dict[str, Any]) -> None:
         # Host processes: the host's network, nothing to set up.
         self.dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.dir / "vminitd.log", "ab")
-        self.proc = subprocess.Popen(
+        self.proc = proc = subprocess.Popen(
             [self.python, "-m", "spinbox.vminitd.main", "--listen", f"unix:{self.socket}",
              "--state-dir", str(self.dir / "state"), "--runc", self.runc,
              "--drain-timeout", str(self.drain_timeout)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        from spinbox.shim.agent import AgentClient
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.boot_timeout
         while not self.socket.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"local vminitd exited with {self.proc.returncode} during start: "
-                                   f"{self.log_tail()}")
+            if proc.poll() is not None:
+                raise LocalSandboxError(f"local vminitd exited with {proc.returncode} during start: "
+                                        f"{self.log_tail()}")
             if loop.time() > deadline:
-                raise TimeoutError(f"local vminitd not ready within {self.boot_timeout}s: {self.log_tail()}")
+                raise LocalSandboxError(f"local vminitd not ready within {self.boot_timeout}s: {self.log_tail()}")
             await asyncio.sleep(0.05)
         self.agent = await AgentClient.wait_ready(str(self.socket), timeout=max(1.0, deadline - loop.time()))
-        self._watch = asyncio.ensure_future(self._watch_process())
+        self._watch = asyncio.ensure_future(self._watch_process(proc))
 
-    async def _watch_process(self) -> None:
+    async def _watch_process(self, proc: subprocess.Popen[bytes]) -> None:
         # The agent's death is the process's exit, not a connection hiccup.
-        await asyncio.to_thread(self.proc.wait)
-        self.lost.set()
+        await asyncio.to_thread(proc.wait)
+        self.mark_lost()
 
     def log_tail(self, n: int = 2000) -> str:
         try:
@@ -136,10 +198,10 @@ class LocalSandbox(Sandbox):
     async def share_rootfs(self, container_id: str, host_rootfs: Path) -> GuestRootfs:
         return GuestRootfs(path=str(host_rootfs))
 
-    async def share_binds(self, container_id: str, binds: list) -> SharedBinds:
+    async def share_binds(self, container_id: str, binds: list[BindMount]) -> SharedBinds:
         return SharedBinds(None)
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
         if self.agent is not None:
             await self.agent.close()
             self.agent = None
@@ -155,7 +217,6 @@ class LocalSandbox(Sandbox):
         if self._log is not None:
             self._log.close()
             self._log = None
-        self.lost.set()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -169,21 +230,22 @@ class VMSandbox(Sandbox):
     ("binds-<n>", CreateRequest.shares). The network (optional) is set up beside the boot.
     """
 
-    def __init__(self, id: str, boot: Callable[[], Awaitable[object]], *, network=None, state=None) -> None:
+    def __init__(self, id: str, boot: Callable[[], Awaitable[Guest]], *,
+                 network: NetworkAttachment | None = None, state: State | None = None) -> None:
         super().__init__(id)
         self._boot = boot
-        self.network = network        # shim.network.lifecycle.SandboxNetworking, or None
-        self.state = state            # shim.state.State: crash-safe records (bind staging dirs)
+        self.network = network
+        self.records = state            # crash-safe records (bind staging dirs)
         self._stages: dict[str, Path] = {}
-        self.guest = None
-        self._handles: dict[str, list] = {}
+        self.guest: Guest | None = None
+        self._handles: dict[str, list[devices.Handle]] = {}
         self._n = 0
-        self._watch: asyncio.Task | None = None
+        self._watch: asyncio.Task[None] | None = None
 
-    async def start(self, spec: dict | None = None) -> None:
+    async def _start(self, spec: dict[str, Any]) -> None:
         """Boot the VM while the host side of the network is set up (both take their own time:
         ~2.7 s vs ~0.05 s under TCG), then hot-plug the NICs and configure the guest. Either
-        failing stops the other at once; `stop` (called by the holder) releases what exists."""
+        failing stops the other at once; `stop` releases what exists."""
         net = self.network
         if net is not None:
             net.decide(spec or {})          # a bad config or annotation fails before any boot
@@ -192,7 +254,7 @@ class VMSandbox(Sandbox):
         errors: list[BaseException] = []
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+            errors = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
         finally:
             if errors or not all(t.done() for t in tasks):    # a failure, or we were cancelled
                 for t in tasks:
@@ -202,43 +264,56 @@ class VMSandbox(Sandbox):
                 self.guest = boot.result()                    # stop() will stop it
         if errors:
             raise errors[0]
-        self.agent = self.guest.agent
-        self._watch = asyncio.ensure_future(self._watch_vm())
+        guest = self._guest
+        self.agent = guest.agent
+        self._watch = asyncio.ensure_future(self._watch_vm(guest))
         if net is not None:
-            from spinbox.shim.network.plan import guest_hostname
-            await net.connect(self.guest.vm, self.agent, guest_hostname(spec or {}))
+            await self._connect_network(net, guest, guest_hostname(spec))
 
-    async def _watch_vm(self) -> None:
+    @staticmethod
+    async def _connect_network(net: NetworkAttachment, guest: Guest, hostname: str) -> None:
+        """Hot-plug one virtio-net per planned NIC (the TAP fds go to QEMU), then configure the
+        guest (addresses, routes, DNS, hostname; it waits for the NICs to appear)."""
+        plan = net.plan(hostname)
+        try:
+            for nic in plan.nics:      # no handle kept: the NIC lives as long as the VM
+                await devices.add_tap_nic(guest.vm, nic.tap_fd, nic.mac)
+        finally:
+            net.close_tap_fds()        # QEMU holds its own copies (or the VM is being torn down)
+        names = await guest.agent.configure_network(plan.request, timeout=plan.agent_timeout_s)
+        net.record_guest(names)
+
+    @property
+    def _guest(self) -> Guest:
+        if self.guest is None:
+            raise GuestUnavailable(f"sandbox {self.id} has no VM")
+        return self.guest
+
+    async def _watch_vm(self, guest: Guest) -> None:
         # VM death = the QEMU process exit (not a channel EOF: virtio-serial may reconnect).
-        wait = getattr(self.guest.vm, "wait_died", None)
-        if wait is not None:
-            await wait()
-            self.lost.set()
+        await guest.vm.wait_died()
+        self.mark_lost()
 
     async def _share(self, container_id: str, host_dir: str, prefix: str) -> str:
-        from spinbox.shim.vm import devices
         self._n += 1
         tag = f"{prefix}-{self._n}"
-        handle = await devices.add_virtiofs(self.guest.vm, host_dir, tag)
+        handle = await devices.add_virtiofs(self._guest.vm, host_dir, tag)
         self._handles.setdefault(container_id, []).append(handle)
         return tag
 
     async def share_rootfs(self, container_id: str, host_rootfs: Path) -> GuestRootfs:
         tag = await self._share(container_id, str(host_rootfs), "rootfs")
-        from spinbox.shim.agent import Mount
         return GuestRootfs(mounts=[Mount("virtiofs", tag, "", ())])
 
-    async def share_binds(self, container_id: str, binds: list) -> SharedBinds:
+    async def share_binds(self, container_id: str, binds: list[BindMount]) -> SharedBinds:
         """Stage the bind sources under the VM dir (shim.binds: only they are visible to the
         guest, read-only ones read-only on the host too) and share that one directory."""
         if not binds:
             return SharedBinds({})
-        from spinbox.shim import binds as binds_mod
-        from spinbox.shim.agent import SHARES_ROOT, Mount
 
-        stage_dir = self.guest.vm.paths.state_dir / "binds" / container_id
-        if self.state is not None:       # recorded first: `delete` unmounts and removes it
-            self.state.record("dir", str(stage_dir), owner=self.id, path=str(stage_dir))
+        stage_dir = self._guest.vm.paths.state_dir / "binds" / container_id
+        if self.records is not None:       # recorded first: `delete` unmounts and removes it
+            self.records.record("dir", str(stage_dir), owner=self.id, path=str(stage_dir))
         try:
             staged = await asyncio.to_thread(binds_mod.stage, binds, stage_dir)
         except BaseException:
@@ -251,9 +326,9 @@ class VMSandbox(Sandbox):
                            [Mount("virtiofs", tag, "binds", ())])
 
     def _forget_stage(self, stage_dir: Path) -> None:
-        if self.state is not None:
+        if self.records is not None:
             try:
-                self.state.forget("dir", str(stage_dir))
+                self.records.forget("dir", str(stage_dir))
             except Exception as e:
                 log.warning("sandbox %s: forgetting %s: %s", self.id, stage_dir, e)
 
@@ -265,7 +340,6 @@ class VMSandbox(Sandbox):
                 log.warning("sandbox %s: detaching a share of %s: %s", self.id, container_id, e)
         stage_dir = self._stages.pop(container_id, None)
         if stage_dir is not None:         # after virtiofsd is gone: it held the mounts
-            from spinbox.shim import binds as binds_mod
             try:
                 await asyncio.to_thread(binds_mod.release, stage_dir)
                 self._forget_stage(stage_dir)
@@ -273,7 +347,7 @@ class VMSandbox(Sandbox):
                 log.warning("sandbox %s: releasing the binds of %s: %s (left for delete)",
                             self.id, container_id, e)
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
         for cid in list(self._handles):
@@ -285,42 +359,3 @@ class VMSandbox(Sandbox):
         finally:
             if self.network is not None:       # after QEMU is gone: it held the TAPs
                 await self.network.release()
-            self.lost.set()
-
-
-class SandboxHolder:
-    """Starts the sandbox on first use (the first Create), once, and stops it at Shutdown."""
-
-    def __init__(self, factory: Callable[[], Sandbox]) -> None:
-        self._factory = factory
-        self.sandbox: Sandbox | None = None
-        self._lock = asyncio.Lock()
-        self.on_started: list[Callable[[Sandbox], None]] = []
-
-    async def get(self, spec: dict | None = None) -> Sandbox:
-        """`spec`: the OCI spec of the container asking (the first one decides the network)."""
-        async with self._lock:
-            if self.sandbox is None:
-                sb = self._factory()
-                try:
-                    await sb.start(spec)
-                except BaseException:
-                    try:
-                        await sb.stop()
-                    except Exception as e:
-                        log.warning("stopping a sandbox that failed to start: %s", e)
-                    raise
-                self.sandbox = sb
-                for cb in self.on_started:
-                    cb(sb)
-            return self.sandbox
-
-    @property
-    def started(self) -> bool:
-        return self.sandbox is not None
-
-    async def stop(self) -> None:
-        async with self._lock:
-            if self.sandbox is not None:
-                sb, self.sandbox = self.sandbox, None
-                await sb.stop()

@@ -22,10 +22,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InvalidArgument
+
 _BIND_TYPES = ("bind", "rbind")
 
 
-class SpecError(ValueError):
+class SpecError(InvalidArgument, ValueError):
     """The spec cannot run in the guest (maps to INVALID_ARGUMENT)."""
 
 

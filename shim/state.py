@@ -7,54 +7,47 @@ Layout under `paths.state_dir` (default /run/spinbox):
     <state_dir>/<namespace>/<group>.lock         serializes start / delete / daemon exit
     <state_dir>/vm/<hash16>/                     the VM's own dir (short: unix socket paths)
 
-Rule: a resource is recorded *before* it is created (`with state.recording(...)`), and forgotten
-only after it was released. So whatever moment the daemon is SIGKILLed at, `cleanup_all()` (run
-by the `delete` subcommand) finds every resource that may exist and releases it; releasing one
-that was never created is a no-op. Writes are atomic (tmp + fsync + rename + fsync of the dir).
+Rule: a resource is recorded *before* it is created (`state.record(...)`, or
+`async with state.recording(...)`), and forgotten only after it was released. So whatever moment
+the daemon is SIGKILLed at, `await cleanup_all()` (run by the `delete` subcommand and by the
+daemon on its way out) finds every resource that may exist and releases it; releasing one that
+was never created is a no-op. Writes are atomic (tmp + fsync + rename + fsync of the dir).
 
 Single writer: while the shim daemon lives it is the only writer of its group's state; `start`
 writes before it spawns the daemon and `delete` only after the daemon is gone (both under the
 group lock).
 
-Resource kinds and how they are released (`RELEASERS`):
-
-| kind      | data                                  | release                                      |
-|-----------|---------------------------------------|----------------------------------------------|
-| `mount`   | path                                  | lazy unmount (every mount stacked on path)    |
-| `process` | pid, start_time, tag (argv substring) | SIGKILL if pid still has that start time+tag |
-| `file`    | path                                  | unlink                                       |
-| `socket`  | path, dev, ino                        | unlink if it is still that inode             |
-| `dir`     | path                                  | remove the tree                              |
-| `netns`   | path                                  | lazy unmount + unlink                        |
-| `tap`     | name, netns (path or "")              | `ip link del` (in the netns)                 |
-| `vm`      | path (VM state dir)                   | `shim.vm.machine.kill_from_state` + rmdir    |
-| any other | release = "spinbox.shim.<mod>:<func>" | that function(record) -> str (e.g. CNI DEL)  |
+This module is only the record store: a record is `{"kind", "key", "owner", ...data}`, and how a
+kind is released is up to the module that creates it (the table in shim.releasers). A record
+is refused unless its kind has a releaser, so nothing can be recorded that `delete` could not
+release. The file format is unchanged from the first version: a record that names its own
+releaser (`"release": "spinbox.shim.<mod>:<func>"`, written by older shims) still works for a
+kind nobody registers.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import os
 import shutil
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spinbox.shim import releasers
+from spinbox.shim.errors import HostError
 from spinbox.shim.vm import procinfo
 
-log = logging.getLogger("spinbox.shim.state")
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-MNT_DETACH = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +94,7 @@ class GroupLock:
     """An exclusive flock on the group's lock file, safe against the file being removed by the
     previous holder (re-open until the locked inode is the one at the path)."""
 
-    def __init__(self, paths: GroupPaths, timeout: float = 30.0):
+    def __init__(self, paths: GroupPaths, timeout: float = 30.0) -> None:
         self.path = paths.lock_file
         self.timeout = timeout
         self.fd: int | None = None
@@ -171,14 +164,14 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         os.close(dfd)
 
 
-class StateError(RuntimeError):
-    pass
+class StateError(HostError):
+    """The state file is unreadable, or a record names a releaser that is refused."""
 
 
 class Record:
     """One recorded resource (a view on the dict inside the state document)."""
 
-    def __init__(self, state: State, data: dict[str, Any]):
+    def __init__(self, state: State, data: dict[str, Any]) -> None:
         self._state = state
         self.data = data
 
@@ -203,7 +196,7 @@ class Record:
 class State:
     """state.json of one group: daemon identity, tasks, and resources in creation order."""
 
-    def __init__(self, paths: GroupPaths, doc: dict[str, Any] | None = None):
+    def __init__(self, paths: GroupPaths, doc: dict[str, Any] | None = None) -> None:
         self.paths = paths
         self.doc: dict[str, Any] = doc or {
             "version": STATE_VERSION, "namespace": paths.namespace, "group": paths.group,
@@ -282,7 +275,7 @@ class State:
 
     def record(self, kind: str, key: str, *, owner: str = "", **data: Any) -> Record:
         """Persist a resource that is about to be created (kind + key identify it)."""
-        if kind not in RELEASERS and not str(data.get("release", "")).startswith("spinbox.shim."):
+        if releasers.lookup(kind) is None and not str(data.get("release", "")).startswith("spinbox.shim."):
             raise ValueError(f"unknown resource kind {kind!r} (no releaser; pass "
                              f"release='spinbox.shim.<module>:<function>')")
         existing = self.find(kind, key)
@@ -295,16 +288,18 @@ class State:
         self.save()
         return Record(self, entry)
 
-    @contextlib.contextmanager
-    def recording(self, kind: str, key: str, *, owner: str = "", **data: Any) -> Iterator[Record]:
-        """`with state.recording("mount", path, path=path): mount(...)` — recorded before the
-        body runs; if the body fails, the (maybe half-made) resource is released and forgotten."""
+    @contextlib.asynccontextmanager
+    async def recording(self, kind: str, key: str, *, owner: str = "",
+                        **data: Any) -> AsyncIterator[Record]:
+        """`async with state.recording("mount", path, path=path): mount(...)` — recorded before
+        the body runs; if the body fails, the (maybe half-made) resource is released and
+        forgotten."""
         rec = self.record(kind, key, owner=owner, **data)
         try:
             yield rec
         except BaseException:
             try:
-                release(rec.data)
+                await release(rec.data)
                 self.forget(kind, key)
             except Exception as e:  # keep it recorded: delete will retry
                 log.warning("releasing %s %s after a failed create: %s", kind, key, e)
@@ -326,151 +321,31 @@ class State:
 
 
 # ---------------------------------------------------------------------------------------------
-# releasing
+# releasing (how is up to each kind's owner: shim.releasers)
 
-def _decode_mountinfo_path(p: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal
-    return p.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def mounted(path: str | os.PathLike[str]) -> bool:
-    p = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(_decode_mountinfo_path(line.split()[4]) == p for line in f)
-    except OSError:
-        return False
+def _named_releaser(target: str) -> Callable[[dict[str, Any]], Any]:
+    """A record's own `release = "spinbox.shim.<module>:<function>"` (older shims wrote one for
+    their network records): only functions of the shim itself, never one a state file names."""
+    mod, _, func = target.partition(":")
+    if not mod.startswith("spinbox.shim.") or not func:
+        raise StateError(f"refusing releaser {target!r}: must be spinbox.shim.<module>:<function>")
+    fn: Callable[[dict[str, Any]], Any] = getattr(importlib.import_module(mod), func)
+    return fn
 
 
-def unmount_all(path: str | os.PathLike[str]) -> int:
-    """Lazily unmount every mount stacked on `path` and below it; returns how many."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    p = os.path.realpath(path)
-    count = 0
-    for _ in range(64):   # bounded: stacked mounts
-        with open("/proc/self/mountinfo") as f:
-            points = [_decode_mountinfo_path(line.split()[4]) for line in f]
-        under = sorted((m for m in points if m == p or m.startswith(p + "/")), key=len, reverse=True)
-        if not under:
-            break
-        target = under[0]
-        if libc.umount2(target.encode(), MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.EINVAL, errno.ENOENT):
-                break
-            raise OSError(err, f"umount {target}: {os.strerror(err)}")
-        count += 1
-    return count
-
-
-def _release_mount(r: dict[str, Any]) -> str:
-    n = unmount_all(r["path"])
-    return f"unmounted {r['path']} ({n})" if n else f"{r['path']} not mounted"
-
-
-def _release_process(r: dict[str, Any]) -> str:
-    pid, start = r.get("pid"), r.get("start_time")
-    if not isinstance(pid, int) or not isinstance(start, int):
-        return f"process {r['key']}: never started"
-    if procinfo.kill_verified(pid, start, r.get("tag"), timeout=float(r.get("kill_timeout", 2.0))):
-        return f"killed {r['key']} pid {pid}"
-    return f"process {r['key']} pid {pid} already gone"
-
-
-def _release_file(r: dict[str, Any]) -> str:
-    try:
-        os.unlink(r["path"])
-        return f"removed {r['path']}"
-    except FileNotFoundError:
-        return f"{r['path']} already gone"
-
-
-def _release_socket(r: dict[str, Any]) -> str:
-    path = r["path"]
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return f"{path} already gone"
-    # a new shim for the same group may have bound a new socket at the same path meanwhile
-    if "ino" in r and (st.st_ino, st.st_dev) != (r["ino"], r.get("dev", st.st_dev)):
-        return f"{path} belongs to someone else now (kept)"
-    os.unlink(path)
-    return f"removed {path}"
-
-
-def _release_dir(r: dict[str, Any]) -> str:
-    path = r["path"]
-    if not os.path.isabs(path) or path.rstrip("/") in ("", "/run", "/tmp", "/var", "/var/run"):
-        return f"refused to remove {path!r}"
-    if not os.path.lexists(path):
-        return f"{path} already gone"
-    unmount_all(path)   # never recurse into something still mounted
-    shutil.rmtree(path, ignore_errors=True)
-    return f"removed {path}"
-
-
-def _release_netns(r: dict[str, Any]) -> str:
-    path = r["path"]
-    n = unmount_all(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-        return f"removed netns {path}"
-    return f"netns {path} already gone" if not n else f"unmounted netns {path}"
-
-
-def _release_tap(r: dict[str, Any]) -> str:
-    netns = r.get("netns") or ""
-    if netns and not os.path.exists(netns):
-        return f"tap {r['name']}: netns {netns} gone (so is the tap)"
-    argv = ["ip"] + (["-n", os.path.basename(netns)] if netns.startswith("/var/run/netns/")
-                     or netns.startswith("/run/netns/") else [])
-    if netns and argv == ["ip"]:
-        argv = ["nsenter", f"--net={netns}", "ip"]
-    res = subprocess.run(argv + ["link", "del", r["name"]], capture_output=True, text=True, timeout=5)
-    if res.returncode == 0:
-        return f"deleted tap {r['name']}"
-    if "Cannot find device" in res.stderr:
-        return f"tap {r['name']} already gone"
-    raise OSError(f"ip link del {r['name']}: {res.stderr.strip()}")
-
-
-def _release_vm(r: dict[str, Any]) -> str:
-    from spinbox.shim.vm.machine import kill_from_state
-
-    d = Path(r["path"])
-    done = kill_from_state(d, timeout=float(r.get("kill_timeout", 2.0)),
-                           keep_console_log=bool(r.get("keep_console_log", False)))
-    with contextlib.suppress(OSError):
-        d.rmdir()
-    with contextlib.suppress(OSError):
-        d.parent.rmdir()
-    return f"vm {d}: " + (", ".join(done) if done else "nothing left")
-
-
-RELEASERS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "mount": _release_mount,
-    "process": _release_process,
-    "file": _release_file,
-    "socket": _release_socket,
-    "dir": _release_dir,
-    "netns": _release_netns,
-    "tap": _release_tap,
-    "vm": _release_vm,
-}
-
-
-def release(r: dict[str, Any]) -> str:
-    """Release one recorded resource (idempotent); returns what was done."""
+async def release(r: dict[str, Any]) -> str:
+    """Release one recorded resource (idempotent); returns what was done. The kind's registered
+    releaser wins; a `release` field is used only for a kind that nobody registers."""
+    fn = releasers.lookup(str(r.get("kind", "")))
+    if fn is not None:
+        return await fn(r)
     target = r.get("release")
     if target:
-        mod, _, func = str(target).partition(":")
-        if not mod.startswith("spinbox.shim.") or not func:
-            raise StateError(f"refusing releaser {target!r}: must be spinbox.shim.<module>:<function>")
-        return str(getattr(importlib.import_module(mod), func)(r))
-    fn = RELEASERS.get(r.get("kind", ""))
-    if fn is None:
-        raise StateError(f"no releaser for resource kind {r.get('kind')!r}")
-    return fn(r)
+        res = _named_releaser(str(target))(r)
+        if inspect.isawaitable(res):
+            res = await res
+        return str(res)
+    raise StateError(f"no releaser for resource kind {r.get('kind')!r}")
 
 
 @dataclass
@@ -483,7 +358,7 @@ class CleanupReport:
         return not self.failed
 
 
-def cleanup_all(state: State, *, owner: str | None = None) -> CleanupReport:
+async def cleanup_all(state: State, *, owner: str | None = None) -> CleanupReport:
     """Release every recorded resource (or only `owner`'s), newest first, each independently:
     one failure does not stop the others. Released ones are forgotten; failed ones stay recorded
     so a later `delete` can retry."""
@@ -493,7 +368,7 @@ def cleanup_all(state: State, *, owner: str | None = None) -> CleanupReport:
             continue
         what = f"{entry.get('kind')} {entry.get('key')}"
         try:
-            report.done.append(release(entry))
+            report.done.append(await release(entry))
         except Exception as e:
             report.failed.append(f"{what}: {e}")
             log.warning("cleanup of %s failed: %s", what, e)

@@ -66,16 +66,17 @@ def _submodule(name: str) -> object:
     return sys.modules[qualified]
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is not None:
-        value = getattr(_submodule(module), name)
-    elif name in _SUBMODULES:
-        value = _submodule(name)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
+if not TYPE_CHECKING:  # hidden from type checkers, which would take any name as an `object`
+    def __getattr__(name: str) -> object:
+        module = _EXPORTS.get(name)
+        if module is not None:
+            value = getattr(_submodule(module), name)
+        elif name in _SUBMODULES:
+            value = _submodule(name)
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
 
 
 def __dir__() -> list[str]:

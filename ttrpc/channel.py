@@ -119,7 +119,7 @@ class _FdWriteProtocol(asyncio.streams.FlowControlMixin):
         if not self._closed.done():
             self._closed.set_result(None)
 
-    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future:
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
         return self._closed
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -49,7 +49,7 @@ class Client:
         self.stream_buffer_bytes = stream_buffer_bytes
         self._next_id = first_stream_id
         self._pending: dict[int, asyncio.Future[bytes]] = {}
-        self._streams: dict[int, ClientStream] = {}
+        self._streams: dict[int, ClientStream[Any]] = {}
         self._closed_error: TTRPCError | None = None
         self._done = asyncio.Event()
         self._reader_task = asyncio.create_task(self._read_loop(), name="ttrpc-client-read")
@@ -272,7 +272,7 @@ class Client:
             raise
         return holder[0]
 
-    def _stream_sender(self, sid: int):
+    def _stream_sender(self, sid: int) -> Callable[[int, int, bytes], Awaitable[None]]:
         async def send(type: int, flags: int, data: bytes) -> None:
             if self._closed_error is not None:
                 raise self._closed_error
@@ -300,7 +300,11 @@ class Stub:
         for m in service.methods:
             setattr(self, m.name, self._make(m))
 
-    def _make(self, m: _descriptor.MethodDescriptor):
+    if TYPE_CHECKING:
+        # The methods are attributes set per service above: to a type checker any name is one.
+        def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]: ...
+
+    def _make(self, m: _descriptor.MethodDescriptor) -> Callable[..., Awaitable[Any]]:
         client, service = self._client, self._service_name
         response_type = message_class(m.output_type)
         if not (m.client_streaming or m.server_streaming):
@@ -313,7 +317,7 @@ class Stub:
 
         async def streaming(request: _message.Message | None = None, *,
                             timeout: float | None = None,
-                            metadata: MetadataLike = None) -> ClientStream:
+                            metadata: MetadataLike = None) -> ClientStream[_message.Message]:
             if request is None and not m.client_streaming:
                 request = message_class(m.input_type)()
             return await client.open_stream(service, m.name, response_type, request,

@@ -87,15 +87,15 @@ class CallContext:
         self.deadline = deadline  # event-loop time (loop.time()) or None for no deadline
         self.peer = peer  # connection info (e.g. SO_PEERCRED triple) where known
 
-    def _values(self) -> tuple:
+    def _values(self) -> tuple[object, ...]:
         return (self.service, self.method, self.stream_id, self.metadata, self.deadline, self.peer)
 
     def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
+        if not isinstance(other, CallContext) or other.__class__ is not self.__class__:
             return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
+        return self._values() == other._values()
 
-    __hash__ = None  # mutable and compared by value, as a dataclass would be
+    __hash__ = None  # type: ignore[assignment]  # mutable and compared by value, as a dataclass would be
 
     def __repr__(self) -> str:
         return (f"CallContext(service={self.service!r}, method={self.method!r}, "

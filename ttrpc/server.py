@@ -15,7 +15,8 @@ import os
 import socket
 import stat
 import struct
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from google.rpc import status_pb2
 
@@ -23,10 +24,14 @@ from .channel import Channel, ProtocolError, open_fd_streams
 from .frame import MAX_DATA, Flags, Frame, MessageType, Oversized
 from .metadata import CallContext, Metadata
 from .request_pb2 import Request, Response
-from .services import Method, ServiceRegistry
+from .services import Handler, Method, ServiceRegistry
 from .status import (Code, DeadlineExceeded, InvalidArgument, ResourceExhausted, TTRPCError,
                      status_from_exception)
 from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_MESSAGES, ServerStream, StreamBuffer
+
+if TYPE_CHECKING:
+    from google.protobuf import descriptor as _descriptor
+    from google.protobuf import message as _message
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,7 @@ class _Call:
         self.payload = payload
         self.buffer = buffer  # streaming methods only
         self.remote_closed = remote_closed
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
         self.started = False  # a task cancelled before its first step never runs its body
         self.fail_status: status_pb2.Status | None = None  # set when the read loop fails it
 
@@ -69,7 +74,7 @@ class ServerConnection:
         self.peer = peer
         self.calls: dict[int, _Call] = {}
         self.last_stream_id = 0
-        self._side_tasks: set[asyncio.Task] = set()  # immediate error responses
+        self._side_tasks: set[asyncio.Task[None]] = set()  # immediate error responses
         self._closing = False
         self.done = asyncio.Event()
 
@@ -234,6 +239,7 @@ class ServerConnection:
             try:
                 async with asyncio.timeout_at(ctx.deadline):
                     if method.streaming:
+                        assert call.buffer is not None  # every streaming call gets one
                         stream = ServerStream(method, sid, call.buffer, self._stream_sender(sid))
                         result = await method.handler(stream, ctx)
                     else:
@@ -241,6 +247,7 @@ class ServerConnection:
                         result = await method.handler(request, ctx)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
+                assert task is not None  # this runs as its call's task
                 if self._closing or (call.fail_status is None and task.cancelling()):
                     raise  # connection closing or server shutting down
                 if task.cancelling():
@@ -276,7 +283,7 @@ class ServerConnection:
             if self.calls.get(sid) is call:
                 del self.calls[sid]
 
-    def _stream_sender(self, sid: int):
+    def _stream_sender(self, sid: int) -> Callable[[int, int, bytes], Awaitable[None]]:
         async def send(type: int, flags: int, data: bytes) -> None:
             await self.channel.send(sid, type, flags, data)
         return send
@@ -295,13 +302,16 @@ class Server:
         self.max_data = max_data
         self._listeners: list[tuple[asyncio.AbstractServer, str | None]] = []
         self._connections: set[ServerConnection] = set()
-        self._connection_tasks: set[asyncio.Task] = set()
+        self._connection_tasks: set[asyncio.Task[Any]] = set()
         self._closed = asyncio.Event()
 
-    def register(self, service, servicer: object, name: str | None = None) -> list[str]:
+    def register(self, service: _descriptor.ServiceDescriptor, servicer: object,
+                 name: str | None = None) -> list[str]:
         return self.services.register(service, servicer, name)
 
-    def register_method(self, service: str, method: str, handler, request_type, response_type=None,
+    def register_method(self, service: str, method: str, handler: Handler,
+                        request_type: type[_message.Message],
+                        response_type: type[_message.Message] | None = None,
                         *, client_streaming: bool = False, server_streaming: bool = False) -> None:
         self.services.register_method(service, method, handler, request_type, response_type,
                                       client_streaming=client_streaming,
@@ -354,6 +364,7 @@ class Server:
         """Serve an already bound and listening unix socket (e.g. inherited from `start`)."""
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
+            assert task is not None  # asyncio runs each connection callback as a task
             self._connection_tasks.add(task)
             try:
                 peer = None
@@ -403,7 +414,7 @@ class Server:
     async def __aenter__(self) -> Server:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
 

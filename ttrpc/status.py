@@ -46,7 +46,7 @@ class TTRPCError(Exception):
 
     code: Code | int = Code.UNKNOWN
 
-    def __init__(self, *args, details: Iterable[any_pb2.Any] = ()) -> None:
+    def __init__(self, *args: object, details: Iterable[any_pb2.Any] = ()) -> None:
         # TTRPCError(code, message) or, on a subclass, Subclass(message)
         if type(self) is TTRPCError and args and isinstance(args[0], int) \
                 and not isinstance(args[0], bool):
@@ -89,7 +89,8 @@ class ConnectionClosed(Unavailable):
     """The call or stream ended because the connection closed (locally or by the peer)."""
 
 
-ERROR_CLASSES: dict[Code, type[TTRPCError]] = {
+# Keyed by int: Code is an IntEnum, so a Code and its number find the same entry.
+ERROR_CLASSES: dict[int, type[TTRPCError]] = {
     cls.code: cls for cls in (
         Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists,
         PermissionDenied, ResourceExhausted, FailedPrecondition, Aborted, OutOfRange,
@@ -99,7 +100,7 @@ ERROR_CLASSES: dict[Code, type[TTRPCError]] = {
 
 def error_from_status(code: int, message: str = "", details: Iterable[any_pb2.Any] = ()) -> TTRPCError:
     """The typed exception for a status code (TTRPCError itself for codes we do not know)."""
-    cls = ERROR_CLASSES.get(_code(code))  # type: ignore[arg-type]
+    cls = ERROR_CLASSES.get(_code(code))
     if cls is None:
         return TTRPCError(code, message, details=details)
     return cls(message, details=details)

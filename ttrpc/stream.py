@@ -47,7 +47,7 @@ class StreamBuffer:
         self._bytes = 0
         self._ended = False
         self._error: BaseException | None = None
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def size(self) -> tuple[int, int]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, message_factory
 
 from .flow import SendWindow
 from .metadata import CallContext
@@ -19,7 +20,8 @@ PACKAGE = "ttrpc.testing.v1"
 SERVICE_NAME = f"{PACKAGE}.Test"
 
 
-def _build():
+def _build() -> tuple[Any, descriptor.ServiceDescriptor, descriptor.FileDescriptor]:
+    # Msg is typed Any: its fields exist only at run time, so a type checker cannot know them.
     fdp = descriptor_pb2.FileDescriptorProto(name="ttrpc/testing/v1/test.proto", package=PACKAGE,
                                              syntax="proto3")
     msg = fdp.message_type.add(name="Msg")
@@ -54,7 +56,7 @@ async def download(stream: ServerStream, ctx: CallContext) -> None:
     """Download: the first message asks for `total` bytes in `size`-byte chunks with an initial
     window `credit`; later client messages carry credit grants. The server never sends beyond
     the credits, so a client that stops reading stalls only this stream."""
-    first = await stream.recv()
+    first: Any = await stream.recv()  # a Msg (fields known at run time only)
     if first is None:
         return
     window = SendWindow(first.credit)
@@ -62,6 +64,7 @@ async def download(stream: ServerStream, ctx: CallContext) -> None:
 
     async def read_grants() -> None:
         # The client may close its send side once it has granted enough: keep sending.
+        m: Any
         async for m in stream:
             window.grant(m.credit)
 
@@ -80,7 +83,7 @@ async def download(stream: ServerStream, ctx: CallContext) -> None:
 
 
 class BenchServicer:
-    async def Unary(self, request, ctx):
+    async def Unary(self, request: Any, ctx: CallContext) -> Any:
         return request
 
     Download = staticmethod(download)

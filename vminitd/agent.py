@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import signal as _signal
@@ -19,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spinbox.api.contract import SHARES_ROOT
+
 from . import bundle as _bundle
 from . import cgroups, mounts
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RuntimeFailed
 from .events import EventLog
 from .fdio import wait_readable
 from .ids import validate_exec_id, validate_guest_path, validate_id, validate_relative_target, validate_signal
-from .log import debug, log
 from .reaper import Exit, Reaper
 from .runc import Runc, read_pid_file
 from .states import ProcessState, State
@@ -34,10 +36,11 @@ from .stdio import InputSink, OutputBuffer, pump_output
 F_SETPIPE_SZ = 1031           # fcntl.F_SETPIPE_SZ (Linux)
 OUTPUT_PIPE_SIZE = 1 << 20    # process stdout/stderr pipes: read up to 1 MiB per wakeup
 HOTPLUG_MOUNT_WAIT_S = 30.0   # a just hot-plugged virtiofs device may not be probed yet
-SHARES_ROOT = "/run/spinbox/shares"   # CreateRequest.shares: <root>/<container id>/<target>
 _SHARE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 DRAIN_IDLE_TIMEOUT = 5.0     # exit waits for output delivery while the host makes progress
 OOM_POLL_INTERVAL = 1.0
+
+log = logging.getLogger(__name__)
 
 
 async def _mount_hotplugged(source: str, target: str, fstype: str, options: list[str]) -> None:
@@ -296,7 +299,7 @@ class Agent:
                                                     cgroup_parent=self.cgroup_parent,
                                                     sandbox_files=self.sandbox_files)
                 for n in notes:
-                    debug(f"{id}: {n}")
+                    log.debug(f"{id}: {n}")
                 _bundle.write_json(bdir / "config.json", adapted)
                 init = Process(id, "", terminal, StdioWanted(stdin, stdout, stderr), ProcessState(id))
                 c = Container(id, bdir, init, _bundle.cgroup_path(id, self.cgroup_parent), mounted)
@@ -313,7 +316,7 @@ class Agent:
                     try:
                         mounts.umount(t)
                     except OSError as e:
-                        log(f"cleanup after failed create of {id}: {e}")
+                        log.warning(f"cleanup after failed create of {id}: {e}")
                 self._remove_shares_dir(id)
                 if id not in self.containers:
                     try:
@@ -339,9 +342,11 @@ class Agent:
             c.init.state.check("exec")
             pid_file = c.bundle / f"exec-{exec_id}.pid"
             since = time.monotonic()
+            process_json = p.process_json
+            assert process_json is not None  # exec() wrote it before the process could start
 
             async def run(stdio, console):
-                await self.runc.exec(id, p.process_json, pid_file, console_socket=console, stdio=stdio)
+                await self.runc.exec(id, process_json, pid_file, console_socket=console, stdio=stdio)
 
             await self._spawn(p, run)
             p.pid = read_pid_file(pid_file)
@@ -369,7 +374,7 @@ class Agent:
         p.exit = ex
         p.state.apply("exited")
         p.exited.set()
-        debug(f"{p.name}: pid {ex.pid} exited with {ex.status}")
+        log.debug(f"{p.name}: pid {ex.pid} exited with {ex.status}")
         if not p.exec_id:
             # The init's exit comes after the exits of its execs (the kernel kills them with
             # the init's pid namespace); bounded like the output drain.
@@ -380,7 +385,7 @@ class Agent:
             self._check_oom(c)
         for buf in p.outputs.values():
             if not await buf.wait_delivered(self.drain_idle_timeout):
-                debug(f"{p.name}: output not delivered within {self.drain_idle_timeout}s idle; reporting exit")
+                log.debug(f"{p.name}: output not delivered within {self.drain_idle_timeout}s idle; reporting exit")
         self.events.publish("exit", id=c.id, exec_id=p.exec_id, pid=ex.pid, exit_status=ex.status,
                             exited_at_ns=ex.at_ns)
         p.reported.set()
@@ -428,7 +433,7 @@ class Agent:
                 try:
                     await asyncio.wait_for(p.exited.wait(), 10)
                 except asyncio.TimeoutError:
-                    log(f"delete {id}: the never-started init did not exit after runc delete --force")
+                    log.warning(f"delete {id}: the never-started init did not exit after runc delete --force")
             else:
                 await self.runc.delete(id, force=True)
             p.state.apply("deleted")
@@ -453,7 +458,7 @@ class Agent:
             try:
                 mounts.umount(t)
             except OSError as e:
-                log(f"delete {c.id}: {e}")
+                log.warning(f"delete {c.id}: {e}")
         c.mounted.clear()
         self._remove_shares_dir(c.id)
 
@@ -573,7 +578,7 @@ class Agent:
                 if c.init.state.state in (State.CREATED, State.RUNNING, State.PAUSED):
                     await self.runc.kill(id, int(_signal.SIGKILL), all=True)
             except Exception as e:
-                debug(f"shutdown kill {id}: {e}")
+                log.debug(f"shutdown kill {id}: {e}")
             try:
                 await asyncio.wait_for(c.init.exited.wait(), 3)
             except asyncio.TimeoutError:
@@ -581,9 +586,9 @@ class Agent:
             try:
                 await self.runc.delete(id, force=True)
             except Exception as e:
-                log(f"shutdown delete {id}: {e}")
-            for e in c.execs.values():
-                e.close_stdio()
+                log.warning(f"shutdown delete {id}: {e}")
+            for ex in c.execs.values():
+                ex.close_stdio()
             c.init.close_stdio()
             self._unmount(c)
             shutil.rmtree(c.bundle, ignore_errors=True)

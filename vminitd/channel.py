@@ -1,6 +1,6 @@
 """Where the agent's ttrpc server listens: vsock, the virtio-serial port, or a unix socket.
 
-virtio-serial facts (reference/environment.md): a port opens only once (EBUSY on a second open);
+How a virtio-serial port behaves in the guest: it opens only once (EBUSY on a second open);
 while the host side is disconnected every read returns EOF at once and poll() reports POLLHUP,
 so after a disconnect we close, wait for the host (short sleeps) and serve a new connection on a
 fresh open. Containers and their buffered output live in the Agent, not in the connection.
@@ -14,7 +14,9 @@ import select
 import socket
 from collections.abc import Awaitable, Callable
 
-from .log import debug, log
+import logging
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -58,7 +60,7 @@ def choose_transport(params: dict[str, str]) -> tuple[str, str]:
     kind = params.get("spinbox.transport", "auto")
     port = params.get("spinbox.vsock_port", str(VSOCK_PORT))
     if kind not in ("auto", "vsock", "virtio-serial"):
-        log(f"unknown spinbox.transport={kind!r}; using auto")
+        log.warning(f"unknown spinbox.transport={kind!r}; using auto")
         kind = "auto"
     if kind == "auto":
         # The host attached one of the two: the named port if it is there, else vsock.
@@ -102,7 +104,7 @@ async def serve_virtio_serial(name: str, serve_fd: Callable[[int], Awaitable[Non
         path = find_virtio_port(name)
         if path is None:
             if not announced:
-                log(f"waiting for virtio-serial port {name!r}")
+                log.info(f"waiting for virtio-serial port {name!r}")
                 announced = True
             await asyncio.sleep(RECONNECT_POLL)
             continue
@@ -110,18 +112,18 @@ async def serve_virtio_serial(name: str, serve_fd: Callable[[int], Awaitable[Non
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             if e.errno != errno.EBUSY:
-                log(f"open {path}: {e}")
+                log.warning(f"open {path}: {e}")
             await asyncio.sleep(RECONNECT_POLL)
             continue
         if not _host_connected(fd):
             os.close(fd)
             await asyncio.sleep(RECONNECT_POLL)
             continue
-        debug(f"host connected on {path}")
+        log.debug(f"host connected on {path}")
         try:
             await serve_fd(fd)      # returns at EOF (host gone) or error
         except Exception as e:  # one broken connection must not end the agent
-            log(f"connection on {path} ended: {e!r}")
+            log.info(f"connection on {path} ended: {e!r}")
         finally:
             os.close(fd)
-        debug(f"host disconnected from {path}")
+        log.debug(f"host disconnected from {path}")

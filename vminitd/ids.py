@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import re
 
+from spinbox.api import contract
+
 from .errors import InvalidArgument
 
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,75}")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
 def validate_id(value: str, what: str = "container id") -> str:
-    """An id becomes a directory name and a runc id: no separators, no '..', bounded length."""
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        raise InvalidArgument(f"invalid {what} {value!r}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,75}}")
-    if ".." in value:
-        raise InvalidArgument(f"invalid {what} {value!r}: must not contain '..'")
+    """An id becomes a directory name and a runc id: the shim's rule too (api/contract.py)."""
+    problem = contract.id_problem(value)
+    if problem is not None:
+        raise InvalidArgument(f"invalid {what} {value!r}: {problem}")
     return value
 
 

@@ -5,10 +5,11 @@ point (the image's stage-2 script may have done some of them).
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
-from .log import log
+log = logging.getLogger(__name__)
 
 RB_POWER_OFF = 0x4321FEDC
 RB_AUTOBOOT = 0x01234567
@@ -59,7 +60,7 @@ def mount_base() -> None:
         try:
             mounts.mount(source, target, fstype, list(options))
         except OSError as e:
-            log(f"warning: {e}")
+            log.warning(f"warning: {e}")
         if target == "/proc":
             done = _mounted_targets()
     if os.path.exists("/dev/pts/ptmx") and not os.path.exists("/dev/ptmx"):
@@ -72,7 +73,7 @@ def delegate_cgroups(root: str = "/sys/fs/cgroup") -> list[str]:
         with open(os.path.join(root, "cgroup.controllers")) as f:
             available = set(f.read().split())
     except OSError as e:
-        log(f"warning: no cgroup2 at {root}: {e}")
+        log.warning(f"warning: no cgroup2 at {root}: {e}")
         return []
     enabled = []
     for c in CGROUP_CONTROLLERS:
@@ -83,14 +84,14 @@ def delegate_cgroups(root: str = "/sys/fs/cgroup") -> list[str]:
                 f.write(f"+{c}")
             enabled.append(c)
         except OSError as e:
-            log(f"warning: cannot delegate cgroup controller {c}: {e}")
+            log.warning(f"warning: cannot delegate cgroup controller {c}: {e}")
     return enabled
 
 
 def check_root() -> None:
     fstype = root_fstype()
     if fstype in ("rootfs", "ramfs"):
-        log("ERROR: / is still the initramfs (rootfs): runc's pivot_root will fail with "
+        log.error("ERROR: / is still the initramfs (rootfs): runc's pivot_root will fail with "
             "'pivot_root .: invalid argument'. The image's /init must switch_root into a tmpfs "
             "or a real root filesystem before exec'ing vminitd.")
 

@@ -15,14 +15,17 @@ when there are arguments to parse: as PID 1 there are none.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
 from types import SimpleNamespace
 
 from . import init as _init
-from .log import log
 
+# `python -m spinbox.vminitd.main` runs this module as __main__: its spec still has its name,
+# which puts it under the `spinbox.vminitd` logger that log.setup() configures.
+log = logging.getLogger(__spec__.name if __spec__ is not None else __name__)
 
 # Option defaults, shared by the parser and the no-argument fast path.
 DEFAULTS = {"listen": None, "state_dir": None, "runc": "runc", "drain_timeout": 5.0, "verbose": False}
@@ -47,9 +50,8 @@ def _parse(argv: list[str]) -> SimpleNamespace:
 def main(argv: list[str] | None = None) -> int:
     pid1 = os.getpid() == 1
     args = _parse(argv if argv is not None else sys.argv[1:])
-    if args.verbose:
-        from . import log as _log
-        _log.verbose = True
+    from .log import setup as setup_logging
+    setup_logging(verbose=args.verbose)
     if pid1:
         _init.setup_pid1()
     try:
@@ -92,7 +94,7 @@ async def _amain(args: SimpleNamespace, pid1: bool) -> int:
     listen = args.listen
     if listen is None:
         if not pid1:
-            log("--listen is required outside a VM")
+            log.warning("--listen is required outside a VM")
             return 2
         from .channel import choose_transport
         kind, addr = choose_transport(_init.cmdline())
@@ -109,17 +111,22 @@ async def _amain(args: SimpleNamespace, pid1: bool) -> int:
     elif kind == "virtio-serial":
         tasks.append(asyncio.ensure_future(channel.serve_virtio_serial(addr, server.serve_fd, stop)))
     else:
-        log(f"unknown listen address {listen!r}")
+        log.warning(f"unknown listen address {listen!r}")
         return 2
-    log(f"ready in {_init.uptime():.2f}s (listening on {listen})")
+    log.info(f"ready in {_init.uptime():.2f}s (listening on {listen})")
     # The agent's modules load now, while the host finishes its side of the boot. A failure
     # there (a broken image, an unwritable state dir) ends vminitd, as it would at start-up.
     warm_up = asyncio.ensure_future(server.warm_up())
-    warm_up.add_done_callback(lambda t: t.cancelled() or t.exception() is None or stop.set())
+
+    def on_warm_up_done(t: asyncio.Future[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            stop.set()
+
+    warm_up.add_done_callback(on_warm_up_done)
     await stop.wait()
     failed = warm_up.exception() if warm_up.done() and not warm_up.cancelled() else None
     warm_up.cancel()
-    log(f"shutting down: the agent failed to load: {failed!r}" if failed else "shutting down: killing containers")
+    log.info(f"shutting down: the agent failed to load: {failed!r}" if failed else "shutting down: killing containers")
     for srv in listeners:
         srv.close()
     if server.agent is not None:

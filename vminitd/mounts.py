@@ -22,10 +22,10 @@ _FLAGS = {
     "dirsync": (MS_DIRSYNC, True), "defaults": (0, True),
 }
 
-_libc = None
+_libc: ctypes.CDLL | None = None
 
 
-def _lib():
+def _lib() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)

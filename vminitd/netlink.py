@@ -18,7 +18,7 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # <linux/netlink.h>
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE = 1, 2, 3
@@ -69,7 +69,7 @@ class NetlinkError(OSError):
         self.what, self.detail = what, detail
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""  # always set: __init__ passes (errno, text)
 
 
 def _align(n: int) -> int:
@@ -187,7 +187,8 @@ def parse_messages(data: bytes) -> list[Message]:
 
 def parse_attrs(data: bytes) -> dict[int, bytes]:
     """rtattrs → {type: payload}; the nested/byte-order bits of the type are masked off."""
-    out, off = {}, 0
+    out: dict[int, bytes] = {}
+    off = 0
     while off + _RTATTR.size <= len(data):
         length, atype = _RTATTR.unpack_from(data, off)
         if length < _RTATTR.size or off + length > len(data):
@@ -219,7 +220,7 @@ class AddrInfo(NamedTuple):
     prefixlen: int
     flags: int
     scope: int
-    index: int
+    index: int  # type: ignore[assignment]  # the kernel's name (ifa_index); hides tuple.index
     attrs: dict[int, bytes]
 
     @property
@@ -305,7 +306,7 @@ class RtnlSocket:
     def __enter__(self) -> "RtnlSocket":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def request(self, req: Request) -> list[Message]:
@@ -322,7 +323,7 @@ class RtnlSocket:
 
     # --- the operations Configure needs ------------------------------------------------------
 
-    def set_link(self, index: int, **kw) -> None:
+    def set_link(self, index: int, **kw: Any) -> None:
         self.request(set_link(index, **kw))
 
     def addrs(self, family: int = socket.AF_UNSPEC, index: int | None = None) -> list[AddrInfo]:

@@ -194,7 +194,7 @@ def _write_atomic(path: Path, text: str) -> None:
 # Links
 
 def links_by_mac(sys_class_net: str = SYS_CLASS_NET) -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     for name in os.listdir(sys_class_net):
         try:
             mac = Path(sys_class_net, name, "address").read_text().strip().lower()
@@ -230,7 +230,8 @@ def _index(name: str) -> int:
 def _park_names(count: int) -> list[str]:
     """Temporary names no link has: a failed earlier Configure may have left some in use."""
     taken = {name for _, name in socket.if_nameindex()}
-    names, n = [], 0
+    names: list[str] = []
+    n = 0
     while len(names) < count:
         if f"sbxtmp{n}" not in taken:
             names.append(f"sbxtmp{n}")
@@ -284,7 +285,7 @@ def configure_links(plan: NetworkPlan, current: dict[str, str]) -> dict[str, str
             nl.set_link(_index("lo"), up=True, label="set link lo up")
             # Renames could collide with each other's old names (eth0↔eth1): park them first.
             renames = [i for i in plan.interfaces if i.name and i.name != current[i.mac]]
-            for spec, tmp in zip(renames, _park_names(len(renames))):
+            for spec, tmp in zip(renames, _park_names(len(renames)), strict=True):
                 index = _index(current[spec.mac])
                 nl.set_link(index, up=False, label=f"set link {current[spec.mac]} down")
                 nl.set_link(index, name=tmp, label=f"rename link {current[spec.mac]} to {tmp}")

@@ -10,7 +10,9 @@ System.Ping never waits for them: it only says that the agent's loop answers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,7 +22,8 @@ from spinbox.api._pb.spinbox.agent.v1 import containers_pb2, events_pb2, network
 
 from .errors import AgentError
 from .init import uptime
-from .log import log
+
+log = logging.getLogger(__name__)
 
 # (generated module, service name) in registration order.
 SERVICES = ((containers_pb2, "Containers"), (stdio_pb2, "Stdio"), (events_pb2, "Events"),
@@ -125,7 +128,10 @@ class AgentServer:
         for module, name in SERVICES:
             desc = module.DESCRIPTOR.services_by_name[name]
             own = self._liveness if name == "System" else None
-            self.server.register(desc, _Adapter(desc, lambda name=name: self.services()[name], own))
+            self.server.register(desc, _Adapter(desc, functools.partial(self._servicer, name), own))
+
+    def _servicer(self, name: str) -> Any:
+        return self.services()[name]
 
     def services(self) -> dict[str, Any]:
         """The servicers by service name; the first call imports them and builds the agent."""
@@ -145,7 +151,7 @@ class AgentServer:
                     if not (name == "System" and hasattr(self._liveness, m.name)):
                         getattr(impls[name], m.name)
             self.agent, self._impls = agent, impls
-            log(f"agent loaded in {uptime():.2f}s")
+            log.info(f"agent loaded in {uptime():.2f}s")
         return self._impls
 
     async def warm_up(self) -> None:
@@ -167,7 +173,7 @@ class AgentServer:
         try:
             await self.server.serve_connection(reader, writer)
         except Exception as e:
-            log(f"connection ended: {e!r}")
+            log.info(f"connection ended: {e!r}")
 
     async def serve_fd(self, fd: int) -> None:
         await self.server.serve_fd(fd)

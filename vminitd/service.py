@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 
+from spinbox.api import contract
 from spinbox.api._pb.spinbox.agent.v1 import containers_pb2 as cpb
 from spinbox.api._pb.spinbox.agent.v1 import events_pb2 as epb
 from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
@@ -23,7 +24,6 @@ from .errors import InvalidArgument
 from .ids import validate_hostname
 from .stdio import InputData, OutputAck, OutputChunk, serve_input, serve_output
 
-VERSION = "0.1.0"
 _MAX_WINDOW = 16 << 20
 
 
@@ -188,7 +188,7 @@ class SystemService:
     # Ping is answered by server.AgentServer itself (it must not wait for this module to load).
 
     async def Version(self, req: cpb.Empty) -> sypb.VersionResponse:
-        return sypb.VersionResponse(agent_version=VERSION, api="spinbox.agent.v1", runtime=self.agent.runc.binary)
+        return sypb.VersionResponse(agent_version=contract.version(), api="spinbox.agent.v1", runtime=self.agent.runc.binary)
 
     async def Info(self, req: cpb.Empty) -> sypb.InfoResponse:
         return sypb.InfoResponse(**_system.info())

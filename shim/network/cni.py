@@ -16,12 +16,17 @@ import copy
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from spinbox.shim.errors import HostError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
 DEFAULT_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
@@ -41,19 +46,20 @@ _MAX_OUTPUT = 4 << 20                                          # a plugin's stdo
 # ---------------------------------------------------------------------------------------------
 # Errors
 
-class CNIError(Exception):
-    """A CNI operation failed. For plugin failures `plugin`, `command`, `code`, `msg` and
-    `details` are the plugin's own (CNI error object); `msg` is what a user should read."""
+class CNIError(HostError):
+    """A CNI operation failed. For plugin failures `plugin`, `command`, `cni_code`, `msg` and
+    `details` are the plugin's own (CNI error object); `msg` is what a user should read.
+    (`cni_code`, not `code`: `code` is the Task API status every SpinboxError answers with.)"""
 
-    def __init__(self, message: str, *, plugin: str = "", command: str = "", code: int | None = None,
+    def __init__(self, message: str, *, plugin: str = "", command: str = "", cni_code: int | None = None,
                  msg: str = "", details: str = "", stderr: str = "") -> None:
         super().__init__(message)
-        self.plugin, self.command, self.code = plugin, command, code
+        self.plugin, self.command, self.cni_code = plugin, command, cni_code
         self.msg, self.details, self.stderr = msg or message, details, stderr
         self.cleanup_errors: list[str] = []   # DEL failures while undoing a failed ADD
 
 
-class ConfigError(CNIError):
+class CNIConfigError(CNIError):
     """The network configuration is unreadable or invalid."""
 
 
@@ -87,38 +93,38 @@ def _where(source: str) -> str:
 
 def parse_conflist(data: Mapping[str, Any] | bytes | str, source: str = "") -> NetworkConfigList:
     """Validate a conflist (or a single-plugin .conf, which is wrapped like libcni's
-    ConfListFromConf). Raises ConfigError naming the problem and the file."""
+    ConfListFromConf). Raises CNIConfigError naming the problem and the file."""
     if isinstance(data, (bytes, str)):
         try:
             data = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise ConfigError(f"CNI config{_where(source)} is not valid JSON: {e}") from None
+            raise CNIConfigError(f"CNI config{_where(source)} is not valid JSON: {e}") from None
     if not isinstance(data, Mapping):
-        raise ConfigError(f"CNI config{_where(source)} must be a JSON object")
+        raise CNIConfigError(f"CNI config{_where(source)} must be a JSON object")
     raw = copy.deepcopy(dict(data))
     if "plugins" not in raw:
         if "type" not in raw:
-            raise ConfigError(f"CNI config{_where(source)} has neither 'plugins' nor 'type'")
+            raise CNIConfigError(f"CNI config{_where(source)} has neither 'plugins' nor 'type'")
         plugin = {k: v for k, v in raw.items() if k not in ("name", "cniVersion")}
         raw = {"cniVersion": raw.get("cniVersion"), "name": raw.get("name"), "plugins": [plugin]}
     name, version, plugins = raw.get("name"), raw.get("cniVersion"), raw.get("plugins")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ConfigError(f"CNI config{_where(source)}: 'name' must match {_NAME_RE.pattern} (got {name!r})")
+        raise CNIConfigError(f"CNI config{_where(source)}: 'name' must match {_NAME_RE.pattern} (got {name!r})")
     if not isinstance(version, str) or not version:
-        raise ConfigError(f"CNI network {name!r}{_where(source)}: 'cniVersion' is missing")
+        raise CNIConfigError(f"CNI network {name!r}{_where(source)}: 'cniVersion' is missing")
     if version not in SUPPORTED_VERSIONS:
-        raise ConfigError(f"CNI network {name!r}{_where(source)}: cniVersion {version!r} is not supported "
+        raise CNIConfigError(f"CNI network {name!r}{_where(source)}: cniVersion {version!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_VERSIONS)})")
     if not isinstance(plugins, list) or not plugins:
-        raise ConfigError(f"CNI network {name!r}{_where(source)}: 'plugins' must be a non-empty list")
+        raise CNIConfigError(f"CNI network {name!r}{_where(source)}: 'plugins' must be a non-empty list")
     for i, p in enumerate(plugins):
         if not isinstance(p, dict):
-            raise ConfigError(f"CNI network {name!r}{_where(source)}: plugins[{i}] must be an object")
+            raise CNIConfigError(f"CNI network {name!r}{_where(source)}: plugins[{i}] must be an object")
         t = p.get("type")
         if not isinstance(t, str) or not t:
-            raise ConfigError(f"CNI network {name!r}{_where(source)}: plugins[{i}] has no 'type'")
+            raise CNIConfigError(f"CNI network {name!r}{_where(source)}: plugins[{i}] has no 'type'")
         if "/" in t or t in (".", ".."):
-            raise ConfigError(f"CNI network {name!r}{_where(source)}: plugins[{i}] type {t!r} "
+            raise CNIConfigError(f"CNI network {name!r}{_where(source)}: plugins[{i}] type {t!r} "
                               "must be a plain executable name")
     disable_check = raw.get("disableCheck", False)
     if isinstance(disable_check, str):   # libcni accepts "true"/"false" strings too
@@ -138,21 +144,21 @@ def load_network(conf_dir: str | os.PathLike = DEFAULT_CONF_DIR, name: str = "")
     """The first config in lexical order (libcni/go-cni), or the one whose name is `name`."""
     files = conf_files(conf_dir)
     if not files:
-        raise ConfigError(f"no CNI network config (*.conflist, *.conf, *.json) in {conf_dir}")
+        raise CNIConfigError(f"no CNI network config (*.conflist, *.conf, *.json) in {conf_dir}")
     if not name:
         return parse_conflist(files[0].read_bytes(), str(files[0]))
     found, problems = [], []
     for f in files:
         try:
             net = parse_conflist(f.read_bytes(), str(f))
-        except ConfigError as e:
+        except CNIConfigError as e:
             problems.append(str(e))
             continue
         if net.name == name:
             return net
         found.append(net.name)
     extra = f"; unreadable: {'; '.join(problems)}" if problems else ""
-    raise ConfigError(f"no CNI network named {name!r} in {conf_dir} (found: {', '.join(found) or 'none'}){extra}")
+    raise CNIConfigError(f"no CNI network named {name!r} in {conf_dir} (found: {', '.join(found) or 'none'}){extra}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +282,7 @@ def parse_plugin_error(plugin: str, command: str, rc: int, stdout: bytes, stderr
         msg, details = str(obj.get("msg", "")), str(obj.get("details", "") or "")
         code = obj.get("code") if isinstance(obj.get("code"), int) else None
         text = f"CNI plugin {plugin} {command} failed (code {code}): {msg}" + (f"; {details}" if details else "")
-        return CNIError(text, plugin=plugin, command=command, code=code, msg=msg, details=details, stderr=err_text)
+        return CNIError(text, plugin=plugin, command=command, cni_code=code, msg=msg, details=details, stderr=err_text)
     raw = (stdout.decode(errors="replace").strip() or err_text or "no output")[:2000]
     return CNIError(f"CNI plugin {plugin} {command} failed (exit status {rc}): {raw}",
                     plugin=plugin, command=command, msg=raw, stderr=err_text)
@@ -425,8 +431,9 @@ class CNIClient:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-        if proc.returncode != 0:
-            raise parse_plugin_error(ptype, command, proc.returncode, stdout, stderr)
+        rc = proc.returncode if proc.returncode is not None else -1   # set: it was waited for
+        if rc != 0:
+            raise parse_plugin_error(ptype, command, rc, stdout, stderr)
         if command != "ADD":
             return None
         if len(stdout) > _MAX_OUTPUT:

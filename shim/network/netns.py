@@ -11,24 +11,29 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import re
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from spinbox.shim import mounts
+from spinbox.shim.errors import HostError
+from spinbox.shim.mounts import MS_BIND, MS_REC, MS_SHARED
+
+log = logging.getLogger(__name__)
+
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
-MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 1 << 20
-MNT_DETACH = 2
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 T = TypeVar("T")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-class NetnsError(Exception):
-    pass
+class NetnsError(HostError):
+    """A netns name or path is refused."""
 
 
 def _check(rc: int, what: str) -> None:
@@ -38,7 +43,7 @@ def _check(rc: int, what: str) -> None:
 
 
 def _mount(src: str, dst: str, flags: int) -> None:
-    _check(_libc.mount(src.encode(), dst.encode(), b"none", ctypes.c_ulong(flags), None), f"mount {src} on {dst}")
+    mounts.mount_syscall(src, dst, flags, fstype="none")
 
 
 def setns(fd: int) -> None:
@@ -77,7 +82,7 @@ def _run_in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
     def body() -> None:
         try:
             result = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+        except BaseException as e:  # handed to the awaiting coroutine
             loop.call_soon_threadsafe(deliver, False, e)
         else:
             loop.call_soon_threadsafe(deliver, True, result)
@@ -111,10 +116,7 @@ def delete_sync(path: str) -> bool:
     """Unmount and remove a netns file (like `ip netns delete`). Idempotent; True if it existed.
     The namespace itself dies with its last user (QEMU holds none: it has only a TAP fd)."""
     existed = os.path.lexists(path)
-    rc = _libc.umount2(path.encode(), MNT_DETACH)
-    if rc != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
-        e = ctypes.get_errno()
-        raise OSError(e, f"umount {path}: {os.strerror(e)}")
+    mounts.detach(path)
     try:
         os.unlink(path)
     except FileNotFoundError:

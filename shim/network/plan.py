@@ -15,19 +15,24 @@ inside a VM; it gets the sandbox network like any other (noted in the reason).
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from spinbox.shim.errors import InvalidArgument
+
 from . import cni
+
+log = logging.getLogger(__name__)
 
 ANNOTATION = "io.containerd.spinbox.v1.network"             # "none" | "cni" | "cni:<network name>"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
-class PlanError(ValueError):
+class PlanError(InvalidArgument):
     """A spec or annotation names an impossible network (message names the field)."""
 
 
@@ -78,7 +83,7 @@ def choose(spec: Mapping[str, Any], *, enabled: bool = True, network: str = "") 
 
 def resolve(choice: NetworkChoice, conf_dir: str) -> tuple[NetworkChoice, cni.NetworkConfigList | None]:
     """Load the CNI config for a `cni` choice. No config anywhere and none named: loopback only.
-    Raises cni.ConfigError for a broken config or a named network that is missing."""
+    Raises cni.CNIConfigError for a broken config or a named network that is missing."""
     if choice.mode != "cni":
         return choice, None
     if not choice.required and not cni.conf_files(conf_dir):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,11 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from spinbox.shim.errors import HostError
+
 from . import netns, tap
+
+log = logging.getLogger(__name__)
 
 TAP_SUFFIX = "_sbx"          # our TAPs are tap<N>_sbx: never taken for a sandbox interface
 ARPHRD_ETHER = 1
@@ -24,8 +29,8 @@ RTN_UNICAST = 1
 RT_TABLE_MAIN = 254
 
 
-class PlumbingError(Exception):
-    pass
+class PlumbingError(HostError):
+    """A netns cannot be plumbed (not a netns, no interface in it)."""
 
 
 @dataclass(frozen=True)

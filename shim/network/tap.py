@@ -11,9 +11,14 @@ virtio-net headers (checksum/GSO offload); without it QEMU falls back to plain f
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import struct
 from typing import Any
+
+from spinbox.shim.errors import HostError
+
+log = logging.getLogger(__name__)
 
 TUNSETIFF = 0x400454CA
 TUNGETIFF = 0x800454D2
@@ -23,8 +28,8 @@ TC_H_INGRESS_PARENT = 0xFFFF0000
 ETH_P_ALL = 0x0003
 
 
-class TapError(Exception):
-    pass
+class TapError(HostError):
+    """A TAP could not be created or wired (names the TAP or link)."""
 
 
 def open_tap(name: str, vnet_hdr: bool = True) -> int:

@@ -29,7 +29,7 @@ from .machine import VM, VMError
 from .paths import check_tag
 from .qemu_args import HOTPLUG_PORT_PREFIX, VIRTIO_MEM_ID
 
-log = logging.getLogger("spinbox.vm.devices")
+log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 _ids = itertools.count(1)
 

@@ -37,6 +37,8 @@ from typing import Any
 from qemu.qmp import QMPClient
 from qemu.qmp.protocol import Runstate
 
+from spinbox.shim import releasers
+
 from . import accel as accel_mod
 from . import procinfo
 from .cid import DEFAULT_RUNTIME_DIR, CIDLease, allocate_cid
@@ -654,3 +656,17 @@ def kill_from_state(state_dir: str | os.PathLike[str], *, timeout: float = 5.0,
             done.append(f"removed {p.name}")
     state_file.unlink(missing_ok=True)
     return done
+
+
+@releasers.releaser("vm")
+async def release_vm_record(r: dict[str, Any]) -> str:
+    """A "vm" state record (the VM dir of a shim that crashed): `kill_from_state`, then the
+    emptied dir and its parent. The kills wait for the processes to die: in a thread."""
+    d = Path(r["path"])
+    done = await asyncio.to_thread(kill_from_state, d, timeout=float(r.get("kill_timeout", 2.0)),
+                                   keep_console_log=bool(r.get("keep_console_log", False)))
+    with contextlib.suppress(OSError):
+        d.rmdir()
+    with contextlib.suppress(OSError):
+        d.parent.rmdir()
+    return f"vm {d}: " + (", ".join(done) if done else "nothing left")

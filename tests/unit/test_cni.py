@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from spinbox.shim.network import cni
-from spinbox.shim.network.sandbox import DNSConfig
+from spinbox.shim.network.host import DNSConfig
 
 BRIDGE = {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local", "subnet": "10.1.0.0/24"}}
 
@@ -54,7 +54,7 @@ def test_single_plugin_conf_is_wrapped():
     ({"cniVersion": "1.0.0", "name": "n"}, "neither 'plugins' nor 'type'"),
 ])
 def test_parse_conflist_rejects(data, needle):
-    with pytest.raises(cni.ConfigError) as ei:
+    with pytest.raises(cni.CNIConfigError) as ei:
         cni.parse_conflist(data, source="/x/10-a.conflist")
     assert needle in str(ei.value)
     assert "/x/10-a.conflist" in str(ei.value)          # the file is named
@@ -71,20 +71,20 @@ def test_load_network_first_lexical_and_by_name(tmp_path):
     (tmp_path / "30-broken.conf").write_text("{")
     assert cni.load_network(tmp_path).name == "anet"
     assert cni.load_network(tmp_path, "bnet").source == str(tmp_path / "20-b.conflist")
-    with pytest.raises(cni.ConfigError) as ei:
+    with pytest.raises(cni.CNIConfigError) as ei:
         cni.load_network(tmp_path, "nope")
     msg = str(ei.value)
     assert "no CNI network named 'nope'" in msg and "anet" in msg and "30-broken.conf" in msg
 
 
 def test_load_network_empty_dir(tmp_path):
-    with pytest.raises(cni.ConfigError, match="no CNI network config"):
+    with pytest.raises(cni.CNIConfigError, match="no CNI network config"):
         cni.load_network(tmp_path / "missing")
 
 
 def test_load_network_broken_first_file_names_it(tmp_path):
     (tmp_path / "10-a.conflist").write_text('{"name": "x", "cniVersion": "1.0.0", "plugins": [{}]}')
-    with pytest.raises(cni.ConfigError, match=r"10-a.conflist.*plugins\[0\] has no 'type'"):
+    with pytest.raises(cni.CNIConfigError, match=r"10-a.conflist.*plugins\[0\] has no 'type'"):
         cni.load_network(tmp_path)
 
 
@@ -151,10 +151,10 @@ def test_validate_result_rejects(result, needle):
 
 def test_parse_plugin_error_json_and_raw():
     e = cni.parse_plugin_error("bridge", "ADD", 1, b'{"cniVersion":"1.0.0","code":7,"msg":"bad cfg","details":"x"}', b"")
-    assert (e.plugin, e.command, e.code, e.msg, e.details) == ("bridge", "ADD", 7, "bad cfg", "x")
+    assert (e.plugin, e.command, e.cni_code, e.msg, e.details) == ("bridge", "ADD", 7, "bad cfg", "x")
     assert "CNI plugin bridge ADD failed (code 7): bad cfg; x" == str(e)
     raw = cni.parse_plugin_error("foo", "DEL", 2, b"", b"panic: boom\n")
-    assert raw.code is None and "exit status 2" in str(raw) and "panic: boom" in str(raw)
+    assert raw.cni_code is None and "exit status 2" in str(raw) and "panic: boom" in str(raw)
 
 
 def test_dns_from_cni_and_resolv_conf(tmp_path):
@@ -304,7 +304,7 @@ async def test_add_failure_surfaces_plugin_error_and_rolls_back(scripted):
     with pytest.raises(cni.CNIError) as ei:
         await client.add(cni.parse_conflist(NET3), RT)
     e = ei.value
-    assert (e.plugin, e.command, e.code, e.msg, e.details) == ("p2", "ADD", 100, "p2 refuses", "by request")
+    assert (e.plugin, e.command, e.cni_code, e.msg, e.details) == ("p2", "ADD", 100, "p2 refuses", "by request")
     assert e.cleanup_errors == []
     log = calls()
     # only what ran is undone (p3 never ran), the failed plugin included, in reverse order

@@ -6,12 +6,16 @@ import json
 import pytest
 
 from spinbox.shim.network import cni, plan
-from spinbox.shim.network.lifecycle import NetworkSetupError, NetworkSettings, SandboxNetworking, release_record
+from spinbox.shim.network.attachment import (NetworkAttachment, NetworkSettings, NetworkSetupError,
+                                             release_network_record)
 
 ANN = plan.ANNOTATION
 
 
-def spec(netns: dict | None = {"type": "network"}, **ann: str) -> dict:
+NEW_NETNS = {"type": "network"}      # a new network namespace, as `ctr run` asks for
+
+
+def spec(netns: dict | None = NEW_NETNS, **ann: str) -> dict:
     namespaces = [{"type": "pid"}, {"type": "mount"}] + ([netns] if netns is not None else [])
     return {"linux": {"namespaces": namespaces}, "annotations": dict(ann)}
 
@@ -75,10 +79,10 @@ def test_resolve_without_any_config_falls_back_to_loopback(tmp_path):
 
 
 def test_resolve_named_network_missing_is_an_error(tmp_path):
-    with pytest.raises(cni.ConfigError, match="no CNI network config"):
+    with pytest.raises(cni.CNIConfigError, match="no CNI network config"):
         plan.resolve(plan.choose(spec(**{ANN: "cni:x"})), str(tmp_path))
     (tmp_path / "10-a.conflist").write_text(_conflist("a"))
-    with pytest.raises(cni.ConfigError, match=r"no CNI network named .x. .*found: a"):
+    with pytest.raises(cni.CNIConfigError, match=r"no CNI network named .x. .*found: a"):
         plan.resolve(plan.choose(spec(**{ANN: "cni:x"})), str(tmp_path))
 
 
@@ -93,18 +97,18 @@ def test_resolve_loads_first_or_named(tmp_path):
 
 def test_decide_wraps_errors_with_the_sandbox_and_the_file(tmp_path):
     (tmp_path / "10-broken.conflist").write_text('{"cniVersion": ')
-    n = SandboxNetworking("sb1", NetworkSettings(conf_dir=str(tmp_path)))
+    n = NetworkAttachment("sb1", NetworkSettings(conf_dir=str(tmp_path)))
     with pytest.raises(NetworkSetupError, match=r"sandbox sb1.*10-broken.conflist"):
         n.decide(spec())
 
 
 def test_decide_none_needs_nothing(tmp_path):
-    n = SandboxNetworking("sb1", NetworkSettings(conf_dir=str(tmp_path)))
+    n = NetworkAttachment("sb1", NetworkSettings(conf_dir=str(tmp_path)))
     assert n.decide(spec(**{ANN: "none"})).mode == "none"
 
 
-def test_release_record_without_a_netns_does_nothing():
-    assert release_record({"kind": "network", "key": "x"}) == "network: nothing recorded"
+async def test_release_record_without_a_netns_does_nothing():
+    assert await release_network_record({"kind": "network", "key": "x"}) == "network: nothing recorded"
 
 
 @pytest.mark.parametrize("name,want", [("web-1", "web-1"), ("a.b.c", "a.b.c"), ("under_score", ""),
@@ -125,9 +129,51 @@ def test_the_network_is_recorded_before_the_vm_and_forgotten_on_release(tmp_path
     conf = tmp_path / "conf"
     conf.mkdir()
     (conf / "10-a.conflist").write_text(_conflist("a"))
-    n = SandboxNetworking("sb1", NetworkSettings(conf_dir=str(conf)), state=st, owner="sb1")
+    n = NetworkAttachment("sb1", NetworkSettings(conf_dir=str(conf)), state=st, owner="sb1")
     n.decide(spec())
     st.record("vm", "/run/x/vm", owner="sb1", path="/run/x/vm")
     assert [r.kind for r in st.records] == ["network", "vm"]
     asyncio.run(n.release())
     assert [r.kind for r in st.records] == ["vm"]
+
+
+def _attached(tmp_path):
+    """An attachment whose host side is 'prepared': one plumbed interface (a pipe as TAP fd)."""
+    import os
+
+    from spinbox.shim.network.host import DNSConfig, HostNetwork
+    from spinbox.shim.network.plumbing import InterfaceConfig, PlumbedInterface, Route
+
+    r, w = os.pipe()
+    os.close(w)
+    cfg = InterfaceConfig("eth0", "AA:BB:CC:00:00:01", 1450, ["10.1.0.5/24"],
+                          [Route("0.0.0.0/0", "10.1.0.1")])
+    n = NetworkAttachment("sb1", NetworkSettings(conf_dir=str(tmp_path), configure_timeout_s=7.0))
+    n.net = HostNetwork("sb1", "/run/netns/x", owns_netns=True, mode="cni",
+                        interfaces=[PlumbedInterface(cfg, "tap0_sbx", r)], dns=DNSConfig(["1.1.1.1"]))
+    return n, r
+
+
+def test_the_plan_names_each_nic_and_the_guest_configuration(tmp_path):
+    n, fd = _attached(tmp_path)
+    p = n.plan("web-1")
+    assert [(x.tap_fd, x.mac, x.tap_name, x.guest_name) for x in p.nics] == \
+        [(fd, "AA:BB:CC:00:00:01", "tap0_sbx", "eth0")]
+    assert p.request.hostname == "web-1" and p.request.link_timeout_ms == 7000
+    assert [(i.mac, i.name, list(i.addresses)) for i in p.request.interfaces] == \
+        [("AA:BB:CC:00:00:01", "eth0", ["10.1.0.5/24"])]
+    assert list(p.request.dns.nameservers) == ["1.1.1.1"] and p.agent_timeout_s == 12.0
+    n.close_tap_fds()
+    assert n.net.interfaces[0].tap_fd == -1
+    got = n.record_guest({"aa:bb:cc:00:00:01": "enp0s3"})
+    assert [(i.name, i.gateway, i.tap) for i in got] == [("enp0s3", "10.1.0.1", "tap0_sbx")]
+    assert n.interfaces == got
+
+
+def test_without_a_network_the_plan_is_loopback_and_hostname():
+    n = NetworkAttachment("sb1", NetworkSettings(configure_timeout_s=30.0))
+    p = n.plan("h")
+    assert p.nics == () and p.request.hostname == "h" and not p.request.interfaces
+    assert p.agent_timeout_s == 35.0 and n.record_guest({}) == []
+
+

@@ -16,7 +16,7 @@ NON_DEFAULT = {
     "paths": {"share_dir": "/opt/sb/share", "state_dir": "/run/sbx", "cni_conf_dir": "/etc/sbcni",
               "cni_bin_dirs": ["/opt/cni2"], "qemu": "/opt/q/qemu", "virtiofsd": "/opt/q/virtiofsd"},
     "runtime": {"vmm": "qemu", "accel": "tcg", "machine": "q35", "transport": "virtio-serial",
-                "oci_runtime": "crun", "pci_hotplug_ports": 9},
+                "pci_hotplug_ports": 9},
     "timeouts": {"boot_s": 90, "shutdown_s": 7.5, "agent_call_s": 3},
     "network": {"enabled": False, "network": "sbnet", "interface": "eth1"},
     "cpu_hotplug": {"vcpus": 2, "max_vcpus": 6},
@@ -38,8 +38,7 @@ def test_defaults_without_any_file(tmp_path):
     assert cfg.paths.share_dir == "/usr/share/spinbox"
     assert cfg.paths.state_dir == "/run/spinbox"
     assert cfg.paths.cni_bin_dirs == ("/usr/lib/cni", "/opt/cni/bin")
-    assert (cfg.runtime.accel, cfg.runtime.machine, cfg.runtime.transport, cfg.runtime.oci_runtime) == \
-        ("auto", "q35", "auto", "runc")
+    assert (cfg.runtime.accel, cfg.runtime.machine, cfg.runtime.transport) == ("auto", "q35", "auto")
     assert cfg.effective_max_vcpus == 4 and cfg.effective_max_memory_mb == 2048
 
 
@@ -112,7 +111,7 @@ def test_runtime_options_layers(tmp_path):
     base.write_text(json.dumps({"runtime": {"accel": "tcg", "machine": "q35"},
                                 "cpu_hotplug": {"vcpus": 2}}))
     over = tmp_path / "over.json"
-    over.write_text(json.dumps({"runtime": {"oci_runtime": "crun"}}))
+    over.write_text(json.dumps({"runtime": {"transport": "virtio-serial"}}))
     body = """
 TypeUrl = "runtimeoptions.v1.Options"
 [cpu_hotplug]
@@ -123,7 +122,8 @@ kernel_cmdline_extra = ["x=1"]
 """
     cfg = c.load(_options_any(config_path=str(over), config_body=body), env={c.CONFIG_ENV: str(base)})
     assert cfg.runtime.accel == "tcg"              # file
-    assert cfg.runtime.oci_runtime == "crun"       # config_path over the file, section merged
+    assert cfg.runtime.transport == "virtio-serial"   # config_path over the file, section merged
+    assert cfg.runtime.machine == "q35"              # ... the rest of the file's section kept
     assert cfg.cpu_hotplug.vcpus == 3              # config_body wins
     assert cfg.cpu_hotplug.max_vcpus == 8
     assert cfg.guest.kernel_cmdline_extra == ("x=1",)

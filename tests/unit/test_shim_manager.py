@@ -11,6 +11,7 @@ from spinbox.api._pb.containerd.runtime.bootstrap.v1 import bootstrap_pb2
 from spinbox.api._pb.containerd.task.v2 import shim_pb2
 from spinbox.api._pb.containerd.types import introspection_pb2
 from spinbox.api._pb.runtimeoptions.v1 import api_pb2
+from spinbox.api import contract
 from spinbox.shim import manager as m
 
 
@@ -127,6 +128,6 @@ def test_outputs():
     assert (d.pid, d.exit_status) == (7, 137) and d.exited_at.seconds > 0
     info = introspection_pb2.RuntimeInfo()
     info.ParseFromString(m.runtime_info(_options_any().SerializeToString()))
-    assert info.name == "io.containerd.spinbox.v1" and info.version.version == m.VERSION
+    assert info.name == "io.containerd.spinbox.v1" and info.version.version == contract.version()
     assert info.options.type_url == "runtimeoptions.v1.Options"
-    assert "Version:  " + m.VERSION in m.version_text()
+    assert "Version:  " + contract.version() in m.version_text()

@@ -1,13 +1,14 @@
-"""Host-side process state machine and exit ordering (shim/process.py)."""
+"""Host-side process state machine (shim/process.py, shim/states.py) and exit ordering
+(shim/exits.py)."""
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-import ttrpc
 
-from spinbox.shim.process import (Container, ExitInfo, ExitSequencer, Process, Status, StdioPaths,
-                                  signal_exit_status)
+from spinbox.shim import errors
+from spinbox.shim.exits import ExitSequencer
+from spinbox.shim.process import Container, ExitInfo, Process, Status, StdioPaths, signal_exit_status
 
 
 def test_exit_status_of_a_signal():
@@ -19,57 +20,57 @@ def test_init_lifecycle_and_errors():
     c = Container("c1", "/b", StdioPaths())
     p = c.init
     assert p.status == Status.CREATED and p.event_id == "c1"
-    p.check_start()
-    p.check_delete()                      # created may be deleted
+    p.check("start")
+    p.check("delete")                      # created may be deleted
     p.started(42)
     assert p.status == Status.RUNNING and p.pid == 42
-    with pytest.raises(ttrpc.FailedPrecondition):
-        p.check_start()                   # twice
-    with pytest.raises(ttrpc.FailedPrecondition):
-        p.check_delete()                  # running
-    p.check_kill()
+    with pytest.raises(errors.FailedPrecondition):
+        p.check("start")                   # twice
+    with pytest.raises(errors.FailedPrecondition):
+        p.check("delete")                  # running
+    p.check("kill")
     p.set_exited(ExitInfo(42, 7, 1))
     assert p.status == Status.STOPPED and p.exit.status == 7
-    with pytest.raises(ttrpc.NotFound, match="process already finished"):
-        p.check_kill()
-    p.check_delete()
+    with pytest.raises(errors.NotFound, match="process already finished"):
+        p.check("kill")
+    p.check("delete")
     p.mark_deleted()
-    with pytest.raises(ttrpc.NotFound):
-        p.check_delete()
+    with pytest.raises(errors.NotFound):
+        p.check("delete")
 
 
 def test_pause_is_container_level():
     c = Container("c1", "/b", StdioPaths())
-    with pytest.raises(ttrpc.FailedPrecondition):
-        c.check_pause()                   # not running yet
+    with pytest.raises(errors.FailedPrecondition):
+        c.init.check("pause")                   # not running yet
     c.init.started(10)
     e = c.add_exec("e1", StdioPaths())
     e.started(11)
-    c.check_pause()
-    c.paused = True
+    c.init.check("pause")
+    c.init.machine.apply("paused")
     assert c.status_of(c.init) == Status.PAUSED and c.status_of(e) == Status.PAUSED
-    with pytest.raises(ttrpc.FailedPrecondition):
-        c.check_pause()
-    c.check_resume()
-    c.paused = False
-    with pytest.raises(ttrpc.FailedPrecondition):
-        c.check_resume()
+    with pytest.raises(errors.FailedPrecondition):
+        c.init.check("pause")
+    c.init.check("resume")
+    c.init.machine.apply("resumed")
+    with pytest.raises(errors.FailedPrecondition):
+        c.init.check("resume")
 
 
 def test_exec_registration():
     c = Container("c1", "/b", StdioPaths())
     c.init.started(10)
     c.add_exec("e1", StdioPaths(stdout="/x"))
-    with pytest.raises(ttrpc.AlreadyExists):
+    with pytest.raises(errors.AlreadyExists):
         c.add_exec("e1", StdioPaths())
-    with pytest.raises(ttrpc.NotFound):
+    with pytest.raises(errors.NotFound):
         c.process("nope")
     assert c.process("e1").exec_id == "e1" and c.process("") is c.init
     c.init.set_exited(ExitInfo(10, 0, 1))
-    with pytest.raises(ttrpc.FailedPrecondition, match="init process is not running"):
+    with pytest.raises(errors.FailedPrecondition, match="init process is not running"):
         c.add_exec("e2", StdioPaths())
-    with pytest.raises(ttrpc.FailedPrecondition, match="init process is not running"):
-        c.check_exec_start()
+    with pytest.raises(errors.FailedPrecondition, match="init process is not running"):
+        c.init.check("exec_start")
 
 
 def test_delete_of_a_never_started_process_wakes_waiters():
@@ -198,8 +199,8 @@ async def test_exec_exit_waits_for_exec_started_and_duplicates_are_ignored():
     e.started(6)
     seq.submit(e, ExitInfo(6, 0, 1))
     seq.submit(e, ExitInfo(6, 0, 1))
-    with pytest.raises(ttrpc.NotFound):
-        e.check_kill()                   # exit arrived: a kill now finds nothing to signal
+    with pytest.raises(errors.NotFound):
+        e.check("kill")                   # exit arrived: a kill now finds nothing to signal
     for _ in range(5):
         await asyncio.sleep(0)
     assert r.published == []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -14,8 +15,9 @@ from spinbox.shim.vm.machine import VM, VMState, VMStateError, kill_from_state
 @pytest.fixture
 def sleeper(tmp_path):
     tag = str(tmp_path / "qmp.sock")
-    # the tag must appear in the argv, as the QMP socket path does in QEMU's
-    p = subprocess.Popen(["sh", "-c", "sleep 60", tag], start_new_session=True)
+    # the tag must appear in the argv, as the QMP socket path does in QEMU's (and stay there:
+    # `sh -c "sleep 60"` may exec sleep, which drops the tag from the argv at a random moment)
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", tag], start_new_session=True)
     try:
         yield p, tag
     finally:
@@ -38,6 +40,19 @@ def test_kill_from_state_kills_the_recorded_process(tmp_path, sleeper):
     assert p.wait(5) == -9
     assert not (tmp_path / "qemu.log").exists() and not (tmp_path / "vm.json").exists()
     assert kill_from_state(tmp_path) == []
+
+
+async def test_the_vm_record_releaser_kills_from_state_and_removes_the_dir(tmp_path, sleeper):
+    """What `delete` runs for a "vm" state record (registered by shim.vm.machine)."""
+    from spinbox.shim.state import release
+
+    p, tag = sleeper
+    d = tmp_path / "vm" / "0123456789abcdef"
+    d.mkdir(parents=True)
+    write_state(d, p.pid, procinfo.start_time(p.pid), tag, files=["vm.json"])
+    out = await release({"kind": "vm", "key": str(d), "path": str(d)})
+    assert out == f"vm {d}: killed qemu pid {p.pid}, removed vm.json"
+    assert p.wait(5) == -9 and not d.exists() and not d.parent.exists()
 
 
 def test_kill_from_state_spares_a_reused_pid(tmp_path, sleeper):

@@ -1,13 +1,16 @@
-"""The shim-facing networking API: one sandbox's network, set up and torn down.
+"""The host side of one sandbox's network: its netns, CNI, and a TAP per interface.
 
-    mgr = NetworkManager(conf_dir=..., bin_dirs=..., cache_dir=..., lock_path=...)
-    net = await mgr.setup(sandbox_id, persist=save_state)      # ctr run: netns + CNI ADD + TAPs
-    net = await mgr.attach(pod_netns_path, persist=save_state)  # CRI: pod netns, CNI already ran
-    for p in net.interfaces: add_tap_nic(vm, p.tap_fd, p.config.mac)   # after the VM is up
-    net.close_fds()                                            # QEMU holds its own copies now
-    await agent.Network.Configure(net.guest_request(hostname=...))
+    nets = HostNetworks(conf_dir=..., bin_dirs=..., cache_dir=..., lock_path=...)
+    net = await nets.setup(sandbox_id, persist=save_state)      # ctr run: netns + CNI ADD + TAPs
+    net = await nets.attach(pod_netns_path, persist=save_state)  # CRI: pod netns, CNI already ran
+    net.interfaces                      # per interface: the TAP fd and the guest NIC's MAC, ...
+    net.close_fds()                     # once QEMU holds its own copies of the TAP fds
+    net.guest_request(hostname=...)     # the agent's network_pb2.ConfigureRequest
     ...
-    await mgr.teardown(net.state())                            # after QEMU is gone; also after a crash
+    await nets.teardown(net.state())    # after QEMU is gone; also after a crash
+
+Nothing here touches the VM or the agent: shim.network.attachment turns a HostNetwork into
+the NIC plan and guest configuration the sandbox applies.
 
 `state()` is JSON and holds everything teardown needs; `persist` is called with it after every
 step that created something, so a crash at any point leaves a state teardown can finish.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +28,8 @@ from spinbox.api._pb.spinbox.agent.v1 import network_pb2
 
 from . import cni, netns, plumbing
 from .plumbing import PlumbedInterface
+
+log = logging.getLogger(__name__)
 
 Persist = Callable[[dict[str, Any]], Awaitable[None] | None]
 
@@ -73,7 +79,8 @@ class DNSConfig:
 
 
 @dataclass
-class SandboxNetwork:
+class HostNetwork:
+    """What exists on the host for one sandbox's network (live TAP fds included)."""
     sandbox_id: str
     netns_path: str
     owns_netns: bool                        # we created it (ctr run): we delete it
@@ -115,14 +122,16 @@ class SandboxNetwork:
             link_timeout_ms=link_timeout_ms)
 
 
-async def _call(persist: Persist | None, net: SandboxNetwork) -> None:
+async def _call(persist: Persist | None, net: HostNetwork) -> None:
     if persist is not None:
         r = persist(net.state())
         if inspect.isawaitable(r):
             await r
 
 
-class NetworkManager:
+class HostNetworks:
+    """Sets up, attaches to and tears down sandboxes' host networks (one CNI client)."""
+
     def __init__(self, conf_dir: str = cni.DEFAULT_CONF_DIR, bin_dirs: Iterable[str] = cni.DEFAULT_BIN_DIRS,
                  cache_dir: str = cni.DEFAULT_CACHE_DIR, lock_path: str | None = cni.DEFAULT_LOCK_PATH,
                  netns_dir: str = netns.NETNS_RUN_DIR, exec_timeout: float = cni.DEFAULT_EXEC_TIMEOUT,
@@ -137,7 +146,7 @@ class NetworkManager:
 
     async def setup(self, sandbox_id: str, network: str | Mapping[str, Any] | cni.NetworkConfigList = "",
                     ifname: str = "eth0", cni_args: Iterable[tuple[str, str]] = (),
-                    capability_args: Mapping[str, Any] | None = None, persist: Persist | None = None) -> SandboxNetwork:
+                    capability_args: Mapping[str, Any] | None = None, persist: Persist | None = None) -> HostNetwork:
         """ctr run mode: a fresh netns, CNI ADD of the network (a name in conf_dir, "" = the
         first there, or a conflist given as data), then a TAP per interface. All or nothing."""
         if isinstance(network, cni.NetworkConfigList):
@@ -147,7 +156,7 @@ class NetworkManager:
         else:
             netconf = cni.load_network(self.conf_dir, network)
         path = netns.path_of(self.netns_name(sandbox_id), self.netns_dir)
-        net = SandboxNetwork(sandbox_id, path, owns_netns=True, mode="cni", ifname=ifname,
+        net = HostNetwork(sandbox_id, path, owns_netns=True, mode="cni", ifname=ifname,
                              network_name=netconf.name, cache_dir=self.cache_dir)
         rt = cni.RuntimeConf(sandbox_id, path, ifname, tuple(cni_args), dict(capability_args or {}))
         rt.validate()
@@ -169,9 +178,9 @@ class NetworkManager:
         return net
 
     async def attach(self, netns_path: str, sandbox_id: str = "", persist: Persist | None = None,
-                     dns: DNSConfig | None = None) -> SandboxNetwork:
+                     dns: DNSConfig | None = None) -> HostNetwork:
         """CRI mode: CRI created the pod netns and ran CNI; only plumb its interfaces."""
-        net = SandboxNetwork(sandbox_id, netns_path, owns_netns=False, mode="existing",
+        net = HostNetwork(sandbox_id, netns_path, owns_netns=False, mode="existing",
                              cache_dir=self.cache_dir, dns=dns or DNSConfig())
         net.interfaces = await plumbing.plumb(netns_path)
         try:
@@ -181,10 +190,10 @@ class NetworkManager:
             raise
         return net
 
-    async def teardown(self, net: SandboxNetwork | Mapping[str, Any]) -> None:
+    async def teardown(self, net: HostNetwork | Mapping[str, Any]) -> None:
         """Release everything setup/attach created, from the live object or from its persisted
         state (after a crash). Idempotent; every step is tried, the first error is raised."""
-        if isinstance(net, SandboxNetwork):
+        if isinstance(net, HostNetwork):
             live, st = net.interfaces, net.state()
         else:
             live, st = [], dict(net)
@@ -211,7 +220,7 @@ class NetworkManager:
                 await netns.delete(path)
             except Exception as e:
                 errors.append(e)
-        if isinstance(net, SandboxNetwork):
+        if isinstance(net, HostNetwork):
             net.close_fds()
         if errors:
             raise errors[0]
