@@ -1,4 +1,4 @@
-"""Maps the design card's top-level folders onto import names.
+"""Maps the top-level source folders onto import names.
 
 `api/`, `shim/` and `vminitd/` are generic names; installing them as top-level packages would
 collide with other distributions (and `api/.../types` with the stdlib). They become

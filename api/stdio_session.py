@@ -377,9 +377,9 @@ class InputSender:
         if msg.window > self.max_window:
             raise StdioProtocolError(f"{where}: window {msg.window} (limit {self.max_window})")
         if msg.eof:
-            # A session's first answer may acknowledge the EOF a lost session sent.
-            sent = self._eof_sent or (self._credit is None and self._eof_ever_sent)
-            if not sent or msg.offset != self.end:
+            # The guest may acknowledge an EOF that a lost session sent (it closed stdin on
+            # it): an EOF sent in any session counts.
+            if not self._eof_ever_sent or msg.offset != self.end:
                 raise StdioProtocolError(f"{where}: EOF acknowledged at {msg.offset} before we sent it "
                                          f"(end {self.end})")
             self._buf.clear()

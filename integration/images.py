@@ -1,6 +1,6 @@
 """Local OCI images for integration tests (no registry is reachable): busybox-static + applet
 symlinks + /etc/passwd, packed as an OCI image-layout tar that `ctr images import` accepts
-(environment.md Part 1 §2). Stdlib only; the result is cached per content in the temp dir.
+(docs/host-facts.md §3). Stdlib only; the result is cached per content in the temp dir.
 
     tar = build_busybox_image(tmp_dir)                 # -> Path of the tar
     ref = import_busybox(containerd)                   # build + `ctr images import`, returns ref

@@ -211,14 +211,17 @@ def test_delete_after_a_killed_daemon_releases_what_it_recorded(env):
     deadline = time.monotonic() + 10
     while procinfo.state(pid) not in (None, "Z", "X") and time.monotonic() < deadline:
         time.sleep(0.02)
-    # what a dead daemon would have recorded: a helper process it started
+    # what a dead daemon would have recorded: its VM (a stand-in QEMU process in vm.json)
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "sbx-crash-helper"],
                               start_new_session=True)
     try:
         paths = GroupPaths(env["state_dir"], c.namespace, "crash1")
         st = State.load(paths)
-        st.record("process", "helper", pid=helper.pid, start_time=procinfo.start_time(helper.pid),
-                  tag="sbx-crash-helper")
+        vm_dir = paths.vm_dir
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        (vm_dir / "vm.json").write_text(json.dumps({
+            "pid": helper.pid, "start_time": procinfo.start_time(helper.pid), "tag": "sbx-crash-helper"}))
+        st.record("vm", str(vm_dir), owner="crash1", path=str(vm_dir))
         st.set_task("crash1", pid=1234)
         d = _run_shim(env, b, "-id", "crash1", "-bundle", str(b), "delete")
         assert d.returncode == 0, d.stderr

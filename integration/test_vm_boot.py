@@ -176,7 +176,7 @@ async def _echo_probe(sock_path: Path) -> None:
 async def _sync_echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     """Wait until the guest's echo loop serves this connection. After a host disconnect the
     guest reopens the port; bytes written during that gap may be lost (a virtio-serial fact, see
-    environment.md), so send numbered tokens until one comes back — echoes are in order, so
+    docs/host-facts.md §2), so send numbered tokens until one comes back — echoes are in order, so
     everything before it is drained and the stream is in step."""
     for i in range(200):
         token = f"sync-{i}\n".encode()

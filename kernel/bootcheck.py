@@ -332,7 +332,7 @@ async def hotplug_cpu(guest: Guest) -> tuple[float, int]:
 
     Lowest first matters: QEMU lists the slots highest-first, and a guest whose second CPU gets
     APIC id 3 stalls under TCG (ours for good, Debian's for ~12 s: the slow onlining in
-    reference/environment.md), while ascending APIC ids online in well under a second."""
+    docs/host-facts.md §5), while ascending APIC ids online in well under a second."""
     slots = await guest.qmp("query-hotpluggable-cpus")
     free = [s for s in slots if "qom-path" not in s]  # type: ignore[union-attr]
     if not free:

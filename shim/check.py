@@ -215,7 +215,7 @@ async def _boot_and_run(r: Report, share: Path) -> bool:
             async def collect(s) -> bytes:
                 return b"".join([c async for c in s])
             await agent.start(CHECK_CONTAINER_ID)
-            o, e = await asyncio.wait_for(asyncio.gather(collect(out), collect(err)), CONTAINER_TIMEOUT_S)
+            o, err_bytes = await asyncio.wait_for(asyncio.gather(collect(out), collect(err)), CONTAINER_TIMEOUT_S)
             ex = await asyncio.wait_for(agent.wait(CHECK_CONTAINER_ID), CONTAINER_TIMEOUT_S)
             await agent.delete(CHECK_CONTAINER_ID)
             took = time.monotonic() - t1
@@ -225,7 +225,7 @@ async def _boot_and_run(r: Report, share: Path) -> bool:
         text = o.decode(errors="replace").strip()
         if ex.exit_status != 0 or "Linux" not in text:
             r.add(FAIL, "container", f"`uname -a` exited {ex.exit_status}: stdout {text!r} "
-                                     f"stderr {e.decode(errors='replace').strip()!r}")
+                                     f"stderr {err_bytes.decode(errors='replace').strip()!r}")
             return False
         r.add(OK, "container", f"`uname -a` in a runc container in the guest ({took:.2f} s, exit 0): {text}")
         return True

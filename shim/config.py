@@ -25,6 +25,7 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,9 +360,10 @@ def decode_runtime_options(options: Any) -> Any | None:
     return opts
 
 
-def load(options: Any = None, *, env: dict[str, str] | None = None) -> SpinboxConfig:
+def load(options: Any = None, *, env: Mapping[str, str] | None = None) -> SpinboxConfig:
     """The effective config: defaults < config file < runtime options (config_path, config_body)."""
-    env = os.environ if env is None else env
+    if env is None:
+        env = os.environ
     data: dict[str, Any] = {}
     sources: list[str] = []
     explicit = env.get(CONFIG_ENV)

@@ -1,4 +1,4 @@
-"""The shim binary's short-lived actions, as containerd runs them (reference §2):
+"""The shim binary's short-lived actions, as containerd runs them:
 
     containerd-shim-spinbox-v1 -namespace N -address A -publish-binary P -id ID [-debug] start
     containerd-shim-spinbox-v1 -namespace N -address A -publish-binary P -id ID -bundle B delete
@@ -477,7 +477,8 @@ def _delete_group(args: ShimArgs, group: str, paths: GroupPaths, out: DeleteOutc
             # one container of a live sandbox: the daemon owns the group's resources
             return
         # the sandbox's own task: its daemon is shutting down (or stuck) — give it a moment
-        _wait_gone(pid, start_time, DELETE_DAEMON_WAIT_S)
+        if isinstance(pid, int) and isinstance(start_time, int):
+            _wait_gone(pid, start_time, DELETE_DAEMON_WAIT_S)
     lock = GroupLock(paths, timeout=2.0).acquire()
     removed = False
     try:

@@ -14,8 +14,6 @@ function that releases one record of that kind, at import:
 | `vm`      | shim.assembly (the VM's state dir)    | shim.vm.machine: release_vm_record              |
 | `network` | shim.network.attachment               | shim.network.attachment: release_network_record |
 | `socket`  | manager `start`, daemon (-socket)     | here: release_socket_record                     |
-| `process` | a helper process (tests, crash tools) | here: release_process_record (verified SIGKILL) |
-| `file`    | (tests)                               | here: release_file_record                       |
 
 A process that only cleans up (`delete`, the daemon's exit) may never have imported an owner:
 `lookup` of a kind nobody registered yet runs `register_all()`, which imports every owner, so
@@ -23,7 +21,6 @@ cleanup never misses a kind and no caller has to remember to register first.
 """
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
 import os
@@ -97,28 +94,3 @@ async def release_socket_record(r: dict[str, Any]) -> str:
         return f"{path} belongs to someone else now (kept)"
     os.unlink(path)
     return f"removed {path}"
-
-
-@releaser("file")
-async def release_file_record(r: dict[str, Any]) -> str:
-    try:
-        os.unlink(r["path"])
-        return f"removed {r['path']}"
-    except FileNotFoundError:
-        return f"{r['path']} already gone"
-
-
-@releaser("process")
-async def release_process_record(r: dict[str, Any]) -> str:
-    """SIGKILL, only if the pid still has the recorded start time and argv tag (never a reused
-    pid); the wait for it to die runs in a thread."""
-    from spinbox.shim.vm import procinfo   # the vm package imports this module: no cycle at import
-
-    pid, start = r.get("pid"), r.get("start_time")
-    if not isinstance(pid, int) or not isinstance(start, int):
-        return f"process {r['key']}: never started"
-    killed = await asyncio.to_thread(procinfo.kill_verified, pid, start, r.get("tag"),
-                                     timeout=float(r.get("kill_timeout", 2.0)))
-    if killed:
-        return f"killed {r['key']} pid {pid}"
-    return f"process {r['key']} pid {pid} already gone"

@@ -16,8 +16,8 @@ URIs: a plain path or fifo://path is a FIFO; file://path is a regular file (appe
 other schemes (binary://) are refused with UNIMPLEMENTED.
 
 The guest side is abstract (`OutputStream`/`InputStream` protocols below) so this module does
-not care how the agent client implements its credit flow; `shim.task_service` adapts the
-agent client's stream helpers to these.
+not care how the agent client implements its credit flow; `shim.containers` adapts the
+agent client's streams (`shim.agent.streams`) to these with AgentOutput / AgentInput below.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import ttrpc
 
-log = logging.getLogger("spinbox.shim.stdio")
+log = logging.getLogger(__name__)
 CHUNK = 64 << 10
 
 
@@ -292,10 +292,10 @@ class ProcessIO:
             self._close_fd(fd)
 
 
-# --- the guest side: shim.agent's credit-controlled streams ---------------------------------
+# --- the guest side: shim.agent.streams' credit-controlled streams -------------------------
 
 class AgentOutput:
-    """OutputStream over shim.agent.OutputStream. The agent client grants credit as we take
+    """OutputStream over shim.agent.streams.OutputStream, which grants credit as we take
     chunks; we take the next chunk only after the previous one is in the FIFO, so a stalled
     FIFO holds at most one chunk plus the window, and stops only this stream."""
 
@@ -313,7 +313,7 @@ class AgentOutput:
 
 
 class AgentInput:
-    """InputStream over shim.agent.InputStream (the guest grants the window)."""
+    """InputStream over shim.agent.streams.InputStream (the guest grants the window)."""
 
     def __init__(self, stream, eof_timeout: float = 10.0) -> None:
         self._s = stream

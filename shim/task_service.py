@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from google.protobuf import empty_pb2
 
@@ -136,7 +137,7 @@ class TaskService:
         c = self.manager.get(req.id)
         p = c.process(req.exec_id)
         r = shim_pb2.StateResponse(
-            id=c.id, bundle=c.bundle, pid=p.pid, status=task_pb2.Status.ValueType(c.status_of(p)),
+            id=c.id, bundle=c.bundle, pid=p.pid, status=cast(task_pb2.Status, int(c.status_of(p))),
             stdin=p.stdio.stdin, stdout=p.stdio.stdout, stderr=p.stdio.stderr, terminal=p.stdio.terminal,
             exec_id=p.exec_id)
         if p.exit is not None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ provides these
     from .client import Client, Stub, connect_unix
-    from .flow import FlowControlError, ReceiveWindow, SendWindow
+    from .flow import FlowControlError, ReceiveWindow, SendCredit, SendWindow
     from .frame import (MAX_DATA, Flags, Frame, FrameDecoder, MessageType, Oversized,
                         OversizedMessage, encode_frame)
     from .metadata import CallContext, Metadata
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ pr
 # __all__; tests/unit/test_ttrpc_lazy_import.py checks that the three agree)
 _MODULE_EXPORTS: dict[str, tuple[str, ...]] = {
     "client": ("Client", "Stub", "connect_unix"),
-    "flow": ("FlowControlError", "ReceiveWindow", "SendWindow"),
+    "flow": ("FlowControlError", "ReceiveWindow", "SendCredit", "SendWindow"),
     "frame": ("MAX_DATA", "Flags", "Frame", "FrameDecoder", "MessageType", "Oversized",
               "OversizedMessage", "encode_frame"),
     "metadata": ("CallContext", "Metadata"),
@@ -50,7 +50,8 @@ __all__ = [
     "ConnectionClosed", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "Flags",
     "FlowControlError", "Frame", "FrameDecoder", "Internal", "InvalidArgument", "Kind", "MAX_DATA",
     "MessageType", "Metadata", "Method", "NotFound", "OutOfRange", "Oversized", "OversizedMessage",
-    "PeerCredentials", "PermissionDenied", "ReceiveWindow", "ResourceExhausted", "SendWindow",
+    "PeerCredentials", "PermissionDenied", "ReceiveWindow", "ResourceExhausted", "SendCredit",
+    "SendWindow",
     "Server", "ServerConnection", "ServerStream", "ServiceRegistry", "StreamBuffer", "Stub",
     "TTRPCError", "Unauthenticated", "Unavailable", "Unimplemented", "Unknown",
     "code_for_exception", "connect_unix", "encode_frame", "error_from_status",

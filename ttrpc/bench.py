@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from . import Client, ReceiveWindow, Server
 from .testing import SERVICE, BenchServicer, Msg
@@ -38,7 +39,7 @@ def _percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
-async def _measure(path: str, calls: int, megabytes: int) -> dict:
+async def _measure(path: str, calls: int, megabytes: int) -> dict[str, Any]:
     client = await Client.connect(path)
     stub = client.stub(SERVICE)
     try:
@@ -101,11 +102,12 @@ async def _measure(path: str, calls: int, megabytes: int) -> dict:
     }
 
 
-def run(calls: int, megabytes: int) -> dict:
+def run(calls: int, megabytes: int) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="ttrpc-bench-")
     path = os.path.join(tmp, "bench.sock")
     child = subprocess.Popen([sys.executable, "-m", "ttrpc.bench", "--serve", path],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None   # both asked for as pipes
     try:
         if child.stdout.readline().strip() != "ready":
             raise RuntimeError("benchmark server did not start")
@@ -123,7 +125,7 @@ def run(calls: int, megabytes: int) -> dict:
     return results
 
 
-def table(r: dict) -> str:
+def table(r: dict[str, Any]) -> str:
     u, c, s = r["unary_sequential"], r["unary_concurrent"], r["stream_download"]
     rows = [
         ("unary round trip p50", f"{u['p50_us']} µs"),

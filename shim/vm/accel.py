@@ -2,7 +2,7 @@
 
 `auto` must never pick something that hangs: this project's hosts expose a nested **PVM** KVM
 (`/sys/module/kvm_pvm`, no vmx/svm CPU flags) on which a stock guest kernel either dies with an
-emulation failure or spins forever while QEMU keeps running (reference/environment.md). So KVM
+emulation failure or spins forever while QEMU keeps running (docs/host-facts.md §1). So KVM
 is chosen only when /dev/kvm opens, answers KVM_GET_API_VERSION = 12, and the host is a
 hardware-virtualisation host (vmx/svm present, no PVM). Every answer carries a reason string
 for logs and `spinbox check`.

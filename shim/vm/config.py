@@ -48,7 +48,7 @@ class VMTimeouts:
     quit_s: float = 2.0           # QMP quit → process exit, before SIGKILL
     kill_s: float = 5.0           # SIGKILL → reaped (it cannot be ignored; bounded anyway)
     # no console output at all by then = an early-boot hang (microvm under TCG hangs in ~5-30 %
-    # of boots with nothing printed, environment.md §1): kill and boot again, up to boot_attempts
+    # of boots with nothing printed, docs/host-facts.md §1): kill and boot again, up to boot_attempts
     first_output_s: float | None = None
     boot_attempts: int = 1
 
@@ -148,7 +148,7 @@ class VMConfig:
         if self.memory_hotplug == "pc-dimm" and self.hotplug_memory_mb and self.memory_slots < 1:
             raise err("memory_slots", "pc-dimm memory hot-plug needs at least one slot")
         if self.machine == "microvm":
-            # measured (environment.md §4): no query-hotpluggable-cpus, no PCI for virtio-mem-pci
+            # measured (docs/host-facts.md §1): no query-hotpluggable-cpus, no PCI for virtio-mem-pci
             if self.effective_max_vcpus != self.vcpus:
                 raise err("max_vcpus", "microvm has no vCPU hot-plug: use machine q35 or max_vcpus = vcpus")
             if self.effective_max_memory_mb != self.memory_mb and self.memory_hotplug != "none":
@@ -250,7 +250,8 @@ def _coerce(key: str, name: str, value: Any) -> Any:
                 raise VMConfigError(f"{key}.{k}", "unknown key")
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise VMConfigError(f"{key}.{k}", f"must be a number of seconds (got {v!r})")
-        return VMTimeouts(**{k: (v if k == "boot_attempts" else float(v)) for k, v in value.items()})
+        kw: dict[str, Any] = {k: (v if k == "boot_attempts" else float(v)) for k, v in value.items()}
+        return VMTimeouts(**kw)
     if not isinstance(value, str):
         raise VMConfigError(key, f"must be a string (got {value!r})")
     return value

@@ -23,7 +23,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from .machine import VM, VMError
 from .paths import check_tag
@@ -65,7 +66,7 @@ async def device_del(vm: VM, dev_id: str, timeout: float = 10.0) -> None:
             if left <= 0:
                 raise DeviceError(f"device {dev_id}: no DEVICE_DELETED within {timeout} s "
                                   "(the guest did not release it)")
-            ev = await asyncio.wait_for(events.get(), left)
+            ev = cast("Mapping[str, Any]", await asyncio.wait_for(events.get(), left))
             if ev.get("data", {}).get("device") == dev_id:
                 return
 
@@ -320,7 +321,7 @@ def _check_mac(mac: str) -> str:
 async def add_tap_nic(vm: VM, tap_fd: int, mac: str, *, vhost: bool | None = None) -> NICHandle:
     """Hand an open TAP fd (opened in the sandbox netns) to QEMU over SCM_RIGHTS and hot-plug a
     virtio-net on it. The caller keeps and closes its own copy of the fd. `vhost` None: on
-    where /dev/vhost-net can be opened (QEMU opens it itself), off elsewhere (environment.md:
+    where /dev/vhost-net can be opened (QEMU opens it itself), off elsewhere (docs/host-facts.md §2:
     this host has none, and vhost=on would make netdev_add fail)."""
     mac = _check_mac(mac)
     if vhost is None:

@@ -18,7 +18,7 @@ from spinbox.api._pb.containerd.types.task import task_pb2 as task_types
 from spinbox.api._pb.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from ttrpc import request_pb2
 
-# The first frame containerd 1.6.20 sent to a probe shim (reference/environment.md §4), with the
+# The first frame containerd 1.6.20 sent to a probe shim (docs/host-facts.md §4), with the
 # scratch folder `$WORK` replaced by a 9-character path: that is the length the captured length
 # prefixes (bundle 0x35 = 53 bytes, frame 495 bytes) imply.
 WORK = "/tmp/feas"
@@ -32,7 +32,7 @@ CAPTURED_CREATE_BODY = (
     b'rd/fifo/4214614320/p4-stdout:)/run/containerd/fifo/4214614320/p4-stderr'
 ).replace(b"$WORK", WORK.encode())
 
-# What containerd writes on the shim's stdin for `--runtime-config-path` (environment.md §4).
+# What containerd writes on the shim's stdin for `--runtime-config-path` (docs/host-facts.md §4).
 CAPTURED_OPTIONS_STDIN = b'\n\x19runtimeoptions.v1.Options\x12\x1e\x12\x1c$WORK/probe-runtime.toml'.replace(
     b"$WORK", WORK.encode())
 

@@ -2,6 +2,8 @@
 state."""
 from __future__ import annotations
 
+import record_kinds  # noqa: F401  (registers the test-only kinds "file", "process")
+
 import os
 from pathlib import Path
 

@@ -16,7 +16,7 @@ from spinbox.shim import manager as m
 
 
 def test_start_argv_of_containerd_16_verbatim():
-    # environment.md Part 1 §4
+    # docs/host-facts.md §4: the argv containerd 1.6.20 passed, verbatim
     a = m.parse_args(["-namespace", "test", "-address", "/w/containerd.sock", "-publish-binary",
                       "/usr/bin/containerd", "-id", "p1", "-debug", "start"])
     assert (a.namespace, a.address, a.publish_binary, a.id, a.debug, a.action) == \

@@ -2,6 +2,8 @@
 process), verified kills, idempotent cleanup, the group lock."""
 from __future__ import annotations
 
+import record_kinds  # noqa: F401  (registers the test-only kinds "file", "process")
+
 import json
 import os
 import socket

@@ -175,6 +175,23 @@ async def test_receive_window_accounting():
     assert rw.ack() == (60, 100) and rw.granted_limit == 160
 
 
+def test_sans_io_credit_resumes_at_an_offset():
+    credit = ttrpc.SendCredit(10, start=100)       # a stream resumed at offset 100
+    credit.spend(4)
+    assert (credit.offset, credit.available) == (104, 6)
+    with pytest.raises(ValueError):
+        credit.spend(7)                           # beyond the grant: the caller's bug
+    credit.update(acked_offset=104, window=10)
+    credit.update(acked_offset=100, window=1)     # stale: never takes credits back
+    assert credit.limit == 114
+    rw = ttrpc.ReceiveWindow(window=10, start=100)
+    rw.received(10)
+    with pytest.raises(ttrpc.FlowControlError):
+        rw.received(1)
+    rw.consumed(10)
+    assert rw.ack() == (110, 10) and rw.granted_limit == 120
+
+
 class FlowServicer:
     """Download over a bidi method: data goes out only against credits from the client."""
 
