@@ -52,7 +52,6 @@ DEFAULT_SOCKET_DIR = "/run/containerd/s"
 SOCKET_PATH_MAX = 106        # containerd's socketPathLimit
 GROUP_ANNOTATIONS = ("io.containerd.spinbox.v1.group", "spinbox.io/sandbox",
                      "io.kubernetes.cri.sandbox-id")
-STDIN_MAX = 10 << 20         # containerd's own cap on what it reads from a shim's stdin
 READY_TIMEOUT_S = 30.0       # daemon spawn -> serving (Python start-up on a loaded 2-core host)
 DELETE_DAEMON_WAIT_S = 1.5   # delete: let a daemon that is shutting down finish by itself
 

@@ -22,9 +22,8 @@ from . import system as _system
 from .agent import Agent
 from .errors import InvalidArgument
 from .ids import validate_hostname
-from .stdio import InputData, OutputAck, OutputChunk, serve_input, serve_output
+from .stdio import serve_input, serve_output
 
-_MAX_WINDOW = 16 << 20
 
 
 class ContainersService:
@@ -92,10 +91,6 @@ class ContainersService:
         return cpb.Empty()
 
 
-def _window(w: int) -> int:
-    return max(1, min(int(w), _MAX_WINDOW))
-
-
 class StdioService:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
@@ -108,18 +103,15 @@ class StdioService:
         if o.fd not in (spb.STDOUT, spb.STDERR):
             raise InvalidArgument("Output stream fd must be STDOUT or STDERR")
         buf = self.agent.output(o.id, o.exec_id, int(o.fd))
-        out: asyncio.Queue = asyncio.Queue(maxsize=4)
+        out: asyncio.Queue[spb.OutputServer] = asyncio.Queue(maxsize=4)
 
-        async def acks() -> AsyncIterator[OutputAck]:
+        async def acks() -> AsyncIterator[spb.OutputAck]:
             async for m in requests:
                 if m.WhichOneof("msg") != "ack":
                     raise InvalidArgument("only ack messages may follow open on an Output stream")
-                yield OutputAck(m.ack.offset, _window(m.ack.window), m.ack.eof)
+                yield m.ack          # windows are clamped by the session itself
 
-        async def send(ch: OutputChunk) -> None:
-            await out.put(spb.OutputServer(offset=ch.offset, data=ch.data, eof=ch.eof))
-
-        session = asyncio.ensure_future(serve_output(buf, o.offset, _window(o.window), acks(), send))
+        session = asyncio.ensure_future(serve_output(buf, o.offset, o.window, acks(), out.put))
         try:
             async for msg in _drain(out, session):
                 yield msg
@@ -132,18 +124,15 @@ class StdioService:
         if first is None or first.WhichOneof("msg") != "open":
             raise InvalidArgument("Input stream must start with an open message")
         sink = self.agent.input(first.open.id, first.open.exec_id)
-        out: asyncio.Queue = asyncio.Queue(maxsize=16)
+        out: asyncio.Queue[spb.InputServer] = asyncio.Queue(maxsize=16)
 
-        async def data() -> AsyncIterator[InputData]:
+        async def data() -> AsyncIterator[spb.InputData]:
             async for m in requests:
                 if m.WhichOneof("msg") != "data":
                     raise InvalidArgument("only data messages may follow open on an Input stream")
-                yield InputData(m.data.offset, m.data.data, m.data.eof)
+                yield m.data
 
-        async def send(a) -> None:
-            await out.put(spb.InputServer(offset=a.offset, window=a.window, eof=a.eof))
-
-        session = asyncio.ensure_future(serve_input(sink, data(), send))
+        session = asyncio.ensure_future(serve_input(sink, data(), out.put))
         try:
             async for msg in _drain(out, session):
                 yield msg

@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 
 from spinbox.api import stdio_session as session
 from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
@@ -32,29 +31,10 @@ from .fdio import wait_readable, wait_writable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INPUT_WINDOW", "OUTPUT_CAPACITY", "InputData", "InputSink", "OutputAck", "OutputBuffer",
-           "OutputChunk", "pump_output", "serve_input", "serve_output"]
+__all__ = ["INPUT_WINDOW", "OUTPUT_CAPACITY", "InputSink", "OutputBuffer", "pump_output", "serve_input",
+           "serve_output"]
 
 CHUNK = session.OUTPUT_CHUNK   # largest read from / write into a process at once
-
-# What serve_output sends (the service forwards it as is).
-OutputChunk = spb.OutputServer
-
-
-@dataclass
-class OutputAck:
-    """An output ack as the Stdio service decodes it (spb.OutputAck works the same)."""
-    offset: int
-    window: int
-    eof: bool = False
-
-
-@dataclass
-class InputData:
-    """A stdin data message as the Stdio service decodes it (spb.InputData works the same)."""
-    offset: int
-    data: bytes = b""
-    eof: bool = False
 
 
 @contextlib.contextmanager

@@ -52,7 +52,6 @@ class AgentClient:
     def __init__(self, address: Address) -> None:
         self.address = address
         self._channel = Channel(address)
-        self._streams: set[Any] = set()       # open OutputStream / InputStream objects
 
     # -- connection -----------------------------------------------------------------------
 
@@ -96,8 +95,6 @@ class AgentClient:
         if self._channel.closed:
             return
         self._channel.closed = True
-        for s in list(self._streams):
-            s._abort(AgentUnavailable("agent client closed"))
         await self._channel.close()
 
     async def __aenter__(self) -> AgentClient:
@@ -106,9 +103,10 @@ class AgentClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _current(self, after_gen: int = 0) -> tuple[ttrpc.Client, int]:
-        """The connected client with generation > after_gen (the streams' and events' entry)."""
-        return await self._channel.current(after_gen)
+    def stream_client(self) -> ttrpc.Client:
+        """The connected client for a new stream (stdio, events); AgentUnavailable without one:
+        a lost connection is a lost VM, nothing reconnects."""
+        return self._channel.stream_client()
 
     # -- unary plumbing ------------------------------------------------------------------
 
@@ -130,7 +128,7 @@ class AgentClient:
 
     # -- containers ------------------------------------------------------------------------
 
-    async def create(self, id: str, spec: dict | bytes, *, rootfs_path: str = "",
+    async def create(self, id: str, spec: dict[str, Any] | bytes, *, rootfs_path: str = "",
                      rootfs_mounts: Sequence[Mount] = (), readonly: bool = False,
                      terminal: bool = False, stdin: bool = False, stdout: bool = False,
                      stderr: bool = False, shares: Sequence[Mount] = (),
@@ -154,7 +152,7 @@ class AgentClient:
                                  cpb.StartResponse, timeout)
         return check_pid(resp.pid, f"start {id}/{exec_id}")
 
-    async def exec(self, id: str, exec_id: str, process: dict | bytes, *, terminal: bool = False,
+    async def exec(self, id: str, exec_id: str, process: dict[str, Any] | bytes, *, terminal: bool = False,
                    stdin: bool = False, stdout: bool = False, stderr: bool = False,
                    timeout: float | None = AGENT_CALL_TIMEOUT_S) -> None:
         check_request_id(id, "container id")
@@ -222,7 +220,7 @@ class AgentClient:
         check_request_id(id, "container id")
         await self._unary(SVC_CONTAINERS, "Resume", cpb.ContainerRequest(id=id), cpb.Empty, timeout)
 
-    async def update(self, id: str, resources: dict | bytes, *, timeout: float | None = AGENT_CALL_TIMEOUT_S) -> None:
+    async def update(self, id: str, resources: dict[str, Any] | bytes, *, timeout: float | None = AGENT_CALL_TIMEOUT_S) -> None:
         check_request_id(id, "container id")
         await self._unary(SVC_CONTAINERS, "Update",
                           cpb.UpdateRequest(id=id, resources=as_json(resources)), cpb.Empty, timeout)
@@ -335,7 +333,7 @@ class AgentClient:
         lost (the VM is lost with it), the iterator ends when the client is closed."""
         last = after_seq
         try:
-            client, _ = await self._current()
+            client = self.stream_client()
         except AgentUnavailable:
             return
         try:

@@ -74,7 +74,7 @@ class _Stream:
 
     async def _run(self) -> None:
         try:
-            client, _ = await self.agent._current()
+            client = self.agent.stream_client()
             await self._session(client)
         except asyncio.CancelledError:
             raise

@@ -18,7 +18,7 @@ from .errors import AgentUnavailable
 
 log = logging.getLogger(__name__)
 
-Address = Union[str, os.PathLike, tuple]   # unix socket path, or (cid, port) for vsock
+Address = Union[str, "os.PathLike[str]", tuple[int, int]]   # unix socket path, or (cid, port) for vsock
 
 SVC_CONTAINERS = "spinbox.agent.v1.Containers"
 SVC_STDIO = "spinbox.agent.v1.Stdio"
@@ -60,19 +60,19 @@ def describe(address: Address) -> str:
 
 
 class Channel:
-    """The one connection to the guest agent, and its generation.
+    """The one connection to the guest agent.
 
-    `current()` hands out the live `ttrpc.Client`; the generation bumps with every new
-    connection so that a waiter can ask for one newer than the connection it lost. Stream ids
-    continue across connections: on virtio-serial, frames the guest wrote for a previous
-    connection may still arrive on the next one, and must not match a new call.
+    `stream_client()` hands out the live `ttrpc.Client`. The connection is made once (the
+    readiness probe may drop and redo it while the guest opens its port); after that a lost
+    connection is a lost VM: nothing reconnects. Stream ids continue across the probe's
+    connections: on virtio-serial, frames the guest wrote for a previous connection may still
+    arrive on the next one, and must not match a new call.
     """
 
     def __init__(self, address: Address) -> None:
         self.address = address
         self.client: ttrpc.Client | None = None
         self.closed = False
-        self._gen = 0
         self._changed = asyncio.Event()       # set and replaced whenever the connection changes
         self._next_stream_id = 1
 
@@ -90,8 +90,6 @@ class Channel:
         if old is not None:
             self._next_stream_id = max(self._next_stream_id, old.next_stream_id)
         self.client = client
-        if client is not None:
-            self._gen += 1
         self._signal()
 
     def _signal(self) -> None:
@@ -108,20 +106,19 @@ class Channel:
             await client.close()
 
     async def close(self) -> None:
-        """Close for good: `current()` waiters get AgentUnavailable."""
+        """Close for good: `wait_closed()` returns, `stream_client()` raises AgentUnavailable."""
         self.closed = True
         await self.drop()
         self._signal()
 
-    async def current(self, after_gen: int = 0) -> tuple[ttrpc.Client, int]:
-        """The connected client with generation > after_gen; waits for a newer connection."""
-        while True:
-            if self.closed:
-                raise AgentUnavailable("agent client is closed")
-            c = self.client
-            if c is not None and not c.closed and self._gen > after_gen:
-                return c, self._gen
-            await self._changed.wait()
+    def stream_client(self) -> ttrpc.Client:
+        """The connected client, for opening a stream; AgentUnavailable when there is none."""
+        if self.closed:
+            raise AgentUnavailable("agent client is closed")
+        c = self.client
+        if c is None or c.closed:
+            raise AgentUnavailable(f"not connected to the guest agent at {describe(self.address)}")
+        return c
 
     async def wait_closed(self) -> None:
         """Returns once `close()` was called."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 
 from spinbox.api import contract
 
@@ -86,7 +87,7 @@ def sanitize(message: str) -> str:
     return clean + ("..." if len(message) > MAX_ERROR_MESSAGE else "")
 
 
-def as_json(value: dict | bytes | str) -> bytes:
+def as_json(value: dict[str, Any] | bytes | str) -> bytes:
     """An OCI document for the wire: bytes pass through, str is encoded, a dict is dumped."""
     if isinstance(value, bytes):
         return value

@@ -53,13 +53,6 @@ def tap_flags(fd: int) -> tuple[str, int]:
     return name.rstrip(b"\0").decode(), flags
 
 
-def _link_index(ipr: Any, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise TapError(f"no link {name!r} in this netns")
-    return found[0]
-
-
 def add_redirect(ipr: Any, src_idx: int, dst_idx: int) -> None:
     """Everything arriving on src is sent out of dst: ingress qdisc + u32 match-all filter with
     action mirred egress redirect (`tc filter add dev SRC parent ffff: protocol all u32 match
@@ -77,22 +70,3 @@ def remove_ingress(ipr: Any, idx: int) -> None:
     except Exception as e:   # pyroute2 NetlinkError: ENOENT/EINVAL when there is none
         if getattr(e, "code", None) not in (2, 22):
             raise
-
-
-def redirect_filters(ipr: Any, idx: int) -> list[int]:
-    """ifindexes the ingress mirred filters of link idx redirect to (for checks and tests)."""
-    targets = []
-    for msg in ipr.get_filters(idx, parent=TC_H_INGRESS_PARENT):
-        opts = msg.get_attr("TCA_OPTIONS")
-        if not opts:
-            continue
-        act = opts.get_attr("TCA_U32_ACT")
-        if not act:
-            continue
-        for name, prio in act["attrs"]:
-            if not name.startswith("TCA_ACT_PRIO_") or prio.get_attr("TCA_ACT_KIND") != "mirred":
-                continue
-            params = prio.get_attr("TCA_ACT_OPTIONS").get_attr("TCA_MIRRED_PARMS")
-            if params:
-                targets.append(params["ifindex"])
-    return targets

@@ -194,11 +194,6 @@ class VM:
         else:
             self._exit_callbacks.append(cb)
 
-    async def wait_exited(self) -> VMExit:
-        await self.exited.wait()
-        assert self.exit is not None
-        return self.exit
-
     async def wait_died(self) -> VMExit:
         """Returns only if QEMU exits unexpectedly (the shim fails its tasks then)."""
         await self.died.wait()

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from spinbox.vminitd.errors import AgentError, InvalidArgument
-from spinbox.vminitd.stdio import (InputData, InputSink, OutputAck, OutputBuffer, pump_output, serve_input,
+from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
+from spinbox.vminitd.stdio import (InputSink, OutputBuffer, pump_output, serve_input,
                                    serve_output)
 
 
@@ -46,12 +47,12 @@ async def test_output_respects_window_and_needs_eof_ack():
     await _until(lambda: sum(len(c.data) for c in h.chunks) == 20)
     await asyncio.sleep(0.05)
     assert sum(len(c.data) for c in h.chunks) == 20          # no more than the window
-    h.q.put_nowait(OutputAck(20, 100))
+    h.q.put_nowait(spb.OutputAck(offset=20, window=100))
     await _until(lambda: h.chunks and h.chunks[-1].eof)
     assert b"".join(c.data for c in h.chunks) == b"x" * 50
     assert h.chunks[-1].offset == 50
     assert not buf.delivered.is_set()                        # EOF sent is not EOF delivered
-    h.q.put_nowait(OutputAck(50, 100, eof=True))
+    h.q.put_nowait(spb.OutputAck(offset=50, window=100, eof=True))
     assert await asyncio.wait_for(task, 5) is True
     assert buf.delivered.is_set() and buf.acked == 50
 
@@ -62,7 +63,7 @@ async def test_output_reconnect_resends_unacked_bytes():
     h1 = Host()
     t1 = asyncio.ensure_future(serve_output(buf, 0, 100, h1.acks(), h1.send))
     await _until(lambda: h1.chunks)
-    h1.q.put_nowait(OutputAck(2, 100))                        # host wrote "ab", then the link dropped
+    h1.q.put_nowait(spb.OutputAck(offset=2, window=100))                        # host wrote "ab", then the link dropped
     await _until(lambda: buf.acked == 2)
     h2 = Host()                                               # a new session replaces the first
     t2 = asyncio.ensure_future(serve_output(buf, 2, 100, h2.acks(), h2.send))
@@ -72,7 +73,7 @@ async def test_output_reconnect_resends_unacked_bytes():
     buf.append(b"gh")
     buf.finish()
     await _until(lambda: h2.chunks[-1].eof)
-    h2.q.put_nowait(OutputAck(8, 100, eof=True))
+    h2.q.put_nowait(spb.OutputAck(offset=8, window=100, eof=True))
     assert await asyncio.wait_for(t2, 5) is True
     # Resuming before what was acknowledged cannot be served.
     with pytest.raises(AgentError):
@@ -85,7 +86,7 @@ async def test_output_rejects_acks_beyond_sent():
     h = Host()
     t = asyncio.ensure_future(serve_output(buf, 0, 100, h.acks(), h.send))
     await _until(lambda: h.chunks)
-    h.q.put_nowait(OutputAck(10, 100))
+    h.q.put_nowait(spb.OutputAck(offset=10, window=100))
     with pytest.raises(AgentError):
         await asyncio.wait_for(t, 5)
 
@@ -137,9 +138,9 @@ async def test_input_window_offsets_and_eof():
     t = asyncio.ensure_future(serve_input(sink, data(), send))
     await _until(lambda: acks)
     assert (acks[0].offset, acks[0].window) == (0, 16)
-    q.put_nowait(InputData(0, b"hello"))
-    q.put_nowait(InputData(3, b"lo wor"))                     # overlap: "lo" already received
-    q.put_nowait(InputData(9, b"ld", eof=True))
+    q.put_nowait(spb.InputData(offset=0, data=b"hello"))
+    q.put_nowait(spb.InputData(offset=3, data=b"lo wor"))                     # overlap: "lo" already received
+    q.put_nowait(spb.InputData(offset=9, data=b"ld", eof=True))
     await asyncio.wait_for(t, 5)
     assert acks[-1].eof and acks[-1].offset == 11
     got = b""
@@ -148,16 +149,16 @@ async def test_input_window_offsets_and_eof():
     assert got == b"hello world"                              # and the pipe reached EOF
     os.close(r)
     with pytest.raises(InvalidArgument):
-        sink.accept(InputData(11, b"more"))
+        sink.accept(spb.InputData(offset=11, data=b"more"))
 
 
 async def test_input_rejects_gaps_and_window_overrun():
     r, w = os.pipe()
     sink = InputSink(w, window=4)
     with pytest.raises(AgentError):
-        sink.accept(InputData(2, b"x"))
+        sink.accept(spb.InputData(offset=2, data=b"x"))
     with pytest.raises(InvalidArgument):
-        sink.accept(InputData(0, b"too long"))
+        sink.accept(spb.InputData(offset=0, data=b"too long"))
     sink.close()
     await _until(lambda: sink.closed)
     assert os.read(r, 10) == b""
