@@ -351,8 +351,10 @@ async def test_guest_survives_channel_reconnect(env):
                 reconnects += 1
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
+                next_id = env.agent.next_stream_id
                 await env.agent.close()
-                env.agent = env.guest.agent = await AgentClient.wait_ready(address, timeout=HANG_GUARD_S)
+                env.agent = env.guest.agent = await AgentClient.wait_ready(
+                    address, timeout=HANG_GUARD_S, first_stream_id=next_id)
                 follower = asyncio.ensure_future(follow(env.agent, events[-1].seq if events else 0))
                 out = env.agent.open_output(cid, "", 1, offset=len(got))
         assert reconnects == 2

@@ -49,9 +49,14 @@ MAX_CPUS = 4096
 class AgentClient:
     """One guest agent connection: unary calls, the event subscription and stdio streams."""
 
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: Address, *, first_stream_id: int = 1) -> None:
         self.address = address
-        self._channel = Channel(address)
+        self._channel = Channel(address, first_stream_id=first_stream_id)
+
+    @property
+    def next_stream_id(self) -> int:
+        """Where a later client of the same guest must start (see `wait_ready`)."""
+        return self._channel.next_stream_id
 
     # -- connection -----------------------------------------------------------------------
 
@@ -64,14 +69,16 @@ class AgentClient:
 
     @classmethod
     async def wait_ready(cls, address: Address, deadline: float | None = None, *,
-                         timeout: float | None = None) -> AgentClient:
+                         timeout: float | None = None, first_stream_id: int = 1) -> AgentClient:
         """Connect and ping until the guest answers. `deadline` is a time.monotonic() value
         (default: `timeout` seconds, or 30, from now). virtio-serial drops or delays bytes sent
         before the guest opens its port; late replies to abandoned pings are dropped by
-        stream id. TimeoutError, naming the last error, when the deadline passes."""
+        stream id. TimeoutError, naming the last error, when the deadline passes.
+        A client replacing an earlier one of the same guest passes that one's `next_stream_id`:
+        on virtio-serial the guest may not have seen the close, and refuses a reused id."""
         if deadline is None:
             deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
-        agent = cls(address)
+        agent = cls(address, first_stream_id=first_stream_id)
         try:
             await agent._channel.probe(agent._ping, deadline)
         except BaseException:

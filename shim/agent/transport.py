@@ -69,12 +69,17 @@ class Channel:
     arrive on the next one, and must not match a new call.
     """
 
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: Address, *, first_stream_id: int = 1) -> None:
         self.address = address
         self.client: ttrpc.Client | None = None
         self.closed = False
         self._changed = asyncio.Event()       # set and replaced whenever the connection changes
-        self._next_stream_id = 1
+        self._next_stream_id = first_stream_id
+
+    @property
+    def next_stream_id(self) -> int:
+        c = self.client
+        return max(self._next_stream_id, c.next_stream_id if c is not None else 0)
 
     @property
     def connected(self) -> bool:
