@@ -30,25 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spinbox.api import contract
+
+from .errors import ConfigError
+
 DEFAULT_CONFIG_PATH = "/etc/spinbox/config.json"
 CONFIG_ENV = "SPINBOX_CONFIG"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 # Keys of CRI's runtimeoptions.Options struct that go-toml marshals into config_body alongside the
 # user's table; they are containerd's, not ours.
 _CRI_OPTION_KEYS = {"TypeUrl", "ConfigPath", "ConfigBody"}
-
-
-class ConfigError(ValueError):
-    """A bad configuration value. `key` is the dotted path, `source` the file (if any)."""
-
-    def __init__(self, key: str, message: str, source: str | None = None):
-        text = f"{key}: {message}" if key else message
-        if source:
-            text = f"{source}: {text}"
-        super().__init__(text)
-        self.key = key
-        self.detail = message
-        self.source = source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +79,7 @@ class RuntimeConfig:
 class TimeoutsConfig:
     boot_s: float = _num(30.0, 0.1, 3600)           # QEMU exec -> vminitd ready
     shutdown_s: float = _num(2.0, 0.1, 600)         # graceful guest stop before QMP quit / kill
-    agent_call_s: float = _num(10.0, 0.1, 3600)     # one unary call to vminitd
+    agent_call_s: float = _num(contract.AGENT_CALL_TIMEOUT_S, 0.1, 3600)   # one unary call to vminitd
 
 
 @dataclass(frozen=True)

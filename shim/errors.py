@@ -38,7 +38,17 @@ class SpinboxError(Exception):
 
 
 class ConfigError(SpinboxError, ValueError):
+    """A bad configuration value. `key` is the dotted path, `source` the file (if any)."""
     code = Code.INVALID_ARGUMENT
+
+    def __init__(self, key: str, message: str, source: str | None = None) -> None:
+        text = f"{key}: {message}" if key else message
+        if source:
+            text = f"{source}: {text}"
+        super().__init__(text)
+        self.key = key
+        self.detail = message
+        self.source = source
 
 
 class RequestError(SpinboxError):

@@ -295,6 +295,7 @@ class VMSandbox(Sandbox):
         self.mark_lost()
 
     async def _share(self, container_id: str, host_dir: str, prefix: str) -> str:
+        self.machine.require(SandboxState.READY)     # nothing is attached to a lost or stopping VM
         self._n += 1
         tag = f"{prefix}-{self._n}"
         handle = await devices.add_virtiofs(self._guest.vm, host_dir, tag)

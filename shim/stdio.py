@@ -29,7 +29,7 @@ import stat
 from typing import Protocol
 from urllib.parse import urlparse
 
-import ttrpc
+from .errors import InvalidArgument, NotFound, Unimplemented
 
 log = logging.getLogger(__name__)
 CHUNK = 64 << 10
@@ -69,7 +69,7 @@ def fifo_path(uri: str) -> tuple[str, str]:
         return "fifo", u.path
     if u.scheme == "file":
         return "file", u.path
-    raise ttrpc.Unimplemented(f"stdio URI scheme {u.scheme!r} is not supported ({uri}); use a FIFO or file://")
+    raise Unimplemented(f"stdio URI scheme {u.scheme!r} is not supported ({uri}); use a FIFO or file://")
 
 
 def open_output(uri: str) -> int:
@@ -81,9 +81,9 @@ def open_output(uri: str) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ttrpc.NotFound(f"stdio FIFO {path} does not exist") from None
+        raise NotFound(f"stdio FIFO {path} does not exist") from None
     if not stat.S_ISFIFO(st.st_mode):
-        raise ttrpc.InvalidArgument(f"stdio path {path} is not a FIFO")
+        raise InvalidArgument(f"stdio path {path} is not a FIFO")
     return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
@@ -94,9 +94,9 @@ def open_input(uri: str) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ttrpc.NotFound(f"stdin FIFO {path} does not exist") from None
+        raise NotFound(f"stdin FIFO {path} does not exist") from None
     if not stat.S_ISFIFO(st.st_mode):
-        raise ttrpc.InvalidArgument(f"stdin path {path} is not a FIFO")
+        raise InvalidArgument(f"stdin path {path} is not a FIFO")
     return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
 

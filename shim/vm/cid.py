@@ -18,14 +18,16 @@ import os
 import struct
 from pathlib import Path
 
+from ..errors import HostError
+
 MIN_CID = 3          # 0-2 are reserved (hypervisor, local, host)
 MAX_CID = 0xFFFFFFFE  # U32_MAX is VMADDR_CID_ANY
 VHOST_VSOCK_SET_GUEST_CID = 0x4008AF60  # _IOW(VHOST_VIRTIO, 0x60, __u64)
 DEFAULT_RUNTIME_DIR = "/run/spinbox/vsock-cid"
 
 
-class CIDExhausted(RuntimeError):
-    pass
+class CIDExhausted(HostError):
+    """No free vsock CID in the configured range."""
 
 
 class CIDLease:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+
 DEFAULT_SHARE_DIR = "/usr/share/spinbox"
 DEFAULT_QEMU = "qemu-system-x86_64"
 DEFAULT_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -31,12 +33,8 @@ MEMORY_BACKENDS = ("memfd", "ram")
 MEMORY_HOTPLUG = ("virtio-mem", "pc-dimm", "none")
 
 
-class VMConfigError(ValueError):
-    """A bad configuration value; `key` names it (dotted path)."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
+class VMConfigError(ConfigError):
+    """A bad VM configuration value; `key` names it (dotted path)."""
 
 
 @dataclass

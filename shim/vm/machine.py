@@ -38,6 +38,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.protocol import Runstate
 
 from spinbox.shim import releasers
+from spinbox.shim.errors import HostError
 
 from . import accel as accel_mod
 from . import procinfo
@@ -47,7 +48,7 @@ from .console import ConsoleLog
 from .paths import VMPaths
 from .qemu_args import Resolved, build_argv
 
-log = logging.getLogger("spinbox.vm")
+log = logging.getLogger(__name__)
 
 Probe = Callable[[], Awaitable[object]]
 Cleanup = Callable[[], Awaitable[None]]
@@ -63,8 +64,8 @@ class VMState(enum.Enum):
     FAILED = "failed"
 
 
-class VMError(Exception):
-    pass
+class VMError(HostError):
+    """QEMU could not be started, driven or stopped."""
 
 
 class VMStateError(VMError):

@@ -9,12 +9,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import HostError
+
 SUN_PATH_MAX = 107
 _TAG_RE = re.compile(r"[A-Za-z0-9_.-]{1,36}")
 
 
-class StatePathError(ValueError):
-    pass
+class StatePathError(HostError, ValueError):
+    """A VM state directory or device tag that cannot be used (too long for a socket, ...)."""
 
 
 def check_socket_path(p: Path) -> Path:
