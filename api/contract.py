@@ -51,17 +51,26 @@ def is_valid_pid(value: object, *, allow_zero: bool = False) -> bool:
     return isinstance(value, int) and (0 if allow_zero else 1) <= value < PID_MAX
 
 
+VERSION_FILE = "VERSION"      # beside this module in the guest image (written by initrd/build.py)
+
+
 @functools.cache
 def version() -> str:
     """The distribution's version. Read on first use (importlib.metadata costs the guest's boot
-    time otherwise); the guest image carries the code without the metadata, and without the
-    `email` package that importlib.metadata imports: "unknown" there."""
+    time otherwise). The guest image carries the code without the distribution's metadata (and
+    without the `email` package importlib.metadata needs): there the image build wrote the host's
+    version into VERSION_FILE; "unknown" when neither exists."""
     try:
         from importlib.metadata import PackageNotFoundError
         from importlib.metadata import version as dist_version
+        try:
+            return dist_version("spinbox")
+        except PackageNotFoundError:
+            pass
     except ImportError:
-        return "unknown"
+        pass
     try:
-        return dist_version("spinbox")
-    except PackageNotFoundError:
+        from pathlib import Path
+        return Path(__file__).with_name(VERSION_FILE).read_text().strip() or "unknown"
+    except OSError:
         return "unknown"

@@ -24,6 +24,8 @@ sys.path.insert(0, str(HERE))
 
 from imagebuild import debs, pack, tree  # noqa: E402
 
+from spinbox.api import contract  # noqa: E402
+
 MANIFEST_VERSION = 1
 DEFAULT_LAYOUT = "erofs"  # decided by measurement, see README.md
 DEFAULT_EROFS_COMPRESSION = "none"  # decided by measurement, see README.md
@@ -52,7 +54,8 @@ def _hash_tree(h: "hashlib._Hash", base: Path, skip: set[str]) -> None:
 
 def input_hash(deb_list: list[debs.Deb], site_packages: Path, layout: str, compression: str) -> str:
     h = hashlib.sha256()
-    h.update(f"layout={layout} erofs={compression} manifest={MANIFEST_VERSION}\n".encode())
+    h.update(f"layout={layout} erofs={compression} manifest={MANIFEST_VERSION} "
+             f"version={contract.version()}\n".encode())
     for deb in sorted(deb_list, key=lambda d: d.package):
         h.update(f"{deb.package}={deb.version} {deb.sha256()}\n".encode())
     skip = {"__pycache__", "testdata", "README.md"}
@@ -72,6 +75,8 @@ def assemble(work: Path, deb_list: list[debs.Deb], site_packages: Path) -> Path:
         shutil.rmtree(root)
     root.mkdir()
     tree.stage_python_packages(REPO, site_packages, pkgroot)
+    # the guest has no distribution metadata: the version it reports comes from this file
+    (pkgroot / "spinbox" / "api" / contract.VERSION_FILE).write_text(contract.version() + "\n")
     found = tree.select_stdlib(full, pkgroot)
     tree.prune_api(pkgroot, found)
     copied = tree.copy_stdlib(full, root, found)

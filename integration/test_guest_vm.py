@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from spinbox.api import contract
 from spinbox.shim.agent import AgentClient, AgentUnavailable, Mount
 from spinbox.shim.guest import Guest, agent_address, boot_guest
 from spinbox.shim.vm import accel as accel_mod
@@ -321,6 +322,14 @@ async def test_stats(env):
         await env.agent.wait(cid)
     finally:
         await env.agent.delete(cid)
+
+
+async def test_guest_reports_the_host_version(env):
+    """The guest image has no package metadata: its version comes from the file the image build
+    wrote, the same as the host's."""
+    v = await env.agent.version()
+    assert v.agent_version == contract.version() != "unknown"
+    assert v.api == "spinbox.agent.v1"
 
 
 async def test_guest_survives_channel_reconnect(env):
