@@ -25,6 +25,11 @@ _ID_RE = re.compile(ID_PATTERN)
 PID_MAX = 1 << 22                  # Linux's PID_MAX_LIMIT: no real pid is this large
 SHARES_ROOT = "/run/spinbox/shares"
 
+# The guest's OCI runtime, chosen by the shim's config (runtime.oci_runtime) and passed on the
+# kernel command line as OCI_RUNTIME_PARAM=<name>; vminitd accepts only these names.
+OCI_RUNTIMES = ("runc", "crun")
+OCI_RUNTIME_PARAM = "spinbox.oci_runtime"
+
 AGENT_CALL_TIMEOUT_S = 10.0        # one unary agent call (config: timeouts.agent_call_s)
 SHUTDOWN_TIMEOUT_S = 5.0           # the guest's own Shutdown before QEMU is stopped
 

@@ -294,6 +294,16 @@ def test_stdout_stderr_and_exit_codes(env):
     assert (r.returncode, r.stdout, r.stderr) == (0, b"Linux\n", b"")
 
 
+def test_crun_in_the_guest_by_runtime_options(env):
+    """`runtime.oci_runtime = crun` from ctr's --runtime-config-path (runtime options, layered
+    over the config file): the container runs under crun in the guest, same output and codes."""
+    opts = env.work / f"crun-{uuid.uuid4().hex[:6]}.json"
+    opts.write_text(json.dumps({"runtime": {"oci_runtime": "crun"}}))
+    r = env.ctr(*env.run_args("--rm", "--runtime-config-path", str(opts)), env.ref, uid("crun"),
+                "sh", "-c", "echo under-crun; exit 3", check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"under-crun\n", b"")
+
+
 def test_a_line_piped_to_stdin(env):
     r = env.ctr(*env.run_args("--rm"), env.ref, uid("in"),
                 "sh", "-c", "read line; echo got:$line; cat | wc -c", input=b"hello spinbox\nrest\n",

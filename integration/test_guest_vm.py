@@ -28,6 +28,7 @@ import pytest_asyncio
 
 from spinbox.api import contract
 from spinbox.shim.agent import AgentClient, AgentUnavailable, Mount
+from spinbox.shim.check import _check_spec
 from spinbox.shim.guest import Guest, agent_address, boot_guest
 from spinbox.shim.vm import accel as accel_mod
 from spinbox.shim.vm import devices
@@ -451,6 +452,35 @@ async def test_kvm_boot():
 def _spinbox_cli() -> list[str]:
     import sys
     return [sys.executable, "-m", "spinbox.shim.cli"]
+
+
+async def test_crun_runs_the_containers_when_the_host_names_it():
+    """runtime.oci_runtime reaches vminitd on the kernel command line: the agent reports crun
+    and a container runs under it."""
+    _prerequisites()
+    tmp = Path(tempfile.mkdtemp(prefix="sbcrun-"))
+    guest = None
+    try:
+        guest = await boot_guest(tmp / "vm", VMConfig.from_share_dir(
+            memory_mb=256, cmdline_extra=["spinbox.oci_runtime=crun"]), name="test-crun")
+        assert (await guest.agent.version()).runtime == "crun"
+        cid = "crun-1"
+        await guest.agent.create(cid, _check_spec(), rootfs_mounts=[Mount("bind", "/", "", ("bind", "ro"))],
+                                 readonly=True, stdout=True, stderr=True)
+        try:
+            out = guest.agent.open_output(cid, "", 1)
+            await guest.agent.start(cid)
+            text = await asyncio.wait_for(collect(out), HANG_GUARD_S)
+            assert (await asyncio.wait_for(guest.agent.wait(cid), HANG_GUARD_S)).exit_status == 0
+            assert text.startswith(b"Linux ")
+        finally:
+            await guest.agent.delete(cid)
+    finally:
+        if guest is not None:
+            await guest.stop()
+        left = await leftovers(tmp / "vm")
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not left, left
 
 
 async def test_spinbox_check_passes():

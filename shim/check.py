@@ -205,7 +205,7 @@ async def _boot_and_run(r: Report, share: Path) -> bool:
                            f"{info.memory_used_bytes / 2**20:.0f} of {info.memory_total_bytes / 2**20:.0f} MiB")
         try:
             t1 = time.monotonic()
-            # the guest's own root, bound read-only: a real runc container without host files
+            # the guest's own root, bound read-only: a real OCI container without host files
             await agent.create(CHECK_CONTAINER_ID, _check_spec(),
                                rootfs_mounts=[Mount("bind", "/", "", ("bind", "ro"))], readonly=True,
                                stdout=True, stderr=True)
@@ -227,7 +227,8 @@ async def _boot_and_run(r: Report, share: Path) -> bool:
             r.add(FAIL, "container", f"`uname -a` exited {ex.exit_status}: stdout {text!r} "
                                      f"stderr {err_bytes.decode(errors='replace').strip()!r}")
             return False
-        r.add(OK, "container", f"`uname -a` in a runc container in the guest ({took:.2f} s, exit 0): {text}")
+        r.add(OK, "container", f"`uname -a` in a {version.runtime} container in the guest ({took:.2f} s, exit 0): "
+                               f"{text}")
         return True
     finally:
         if guest is not None:

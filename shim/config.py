@@ -70,6 +70,7 @@ class RuntimeConfig:
     accel: str = _choice("auto", "auto", "kvm", "tcg")
     machine: str = _choice("q35", "q35", "microvm")
     transport: str = _choice("auto", "auto", "vsock", "virtio-serial")
+    oci_runtime: str = _choice("runc", *contract.OCI_RUNTIMES)   # OCI runtime inside the guest
     # q35: PCIe ports for hot-plugged devices. A pod uses one per NIC and two per running
     # container (its rootfs share, its bind-mount share); freed when the container is deleted.
     pci_hotplug_ports: int = _num(16, 0, 32)
@@ -388,7 +389,9 @@ def vm_config(cfg: SpinboxConfig, **overrides: Any):
     from spinbox.shim.vm.config import VMConfig, VMConfigError, VMTimeouts
 
     image = guest_image(cfg)
-    cmdline_extra = list(cfg.guest.kernel_cmdline_extra)
+    # the guest's OCI runtime: vminitd reads it from the kernel command line
+    cmdline_extra = [f"{contract.OCI_RUNTIME_PARAM}={cfg.runtime.oci_runtime}",
+                     *cfg.guest.kernel_cmdline_extra]
     if cfg.guest.debug_console:
         cmdline_extra.append("loglevel=7")   # after the image's `quiet`: the later word wins
     kw: dict[str, Any] = dict(

@@ -28,7 +28,7 @@ from . import init as _init
 log = logging.getLogger(__spec__.name if __spec__ is not None else __name__)
 
 # Option defaults, shared by the parser and the no-argument fast path.
-DEFAULTS = {"listen": None, "state_dir": None, "runc": "runc", "drain_timeout": 5.0, "verbose": False}
+DEFAULTS = {"listen": None, "state_dir": None, "runc": None, "drain_timeout": 5.0, "verbose": False}
 
 
 def _parse(argv: list[str]) -> SimpleNamespace:
@@ -38,13 +38,25 @@ def _parse(argv: list[str]) -> SimpleNamespace:
     ap = argparse.ArgumentParser(prog="vminitd", description="spinbox guest agent")
     ap.add_argument("--listen", help="unix:/path | vsock:PORT | virtio-serial:NAME (default: from the kernel cmdline)")
     ap.add_argument("--state-dir", help="runc root, bundles, sockets (default /run/spinbox)")
-    ap.add_argument("--runc", help="OCI runtime binary")
+    ap.add_argument("--runc", help="OCI runtime binary (default: the kernel command line's "
+                                   "spinbox.oci_runtime in a VM, else runc)")
     ap.add_argument("--drain-timeout", type=float,
                     help="seconds without output progress before an exit is reported anyway")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.set_defaults(**DEFAULTS)
     # As PID 1 the kernel may pass unknown words from its command line: ignore them.
     return SimpleNamespace(**vars(ap.parse_known_args(argv)[0]))
+
+
+def oci_runtime(cmdline: dict[str, str]) -> str:
+    """The OCI runtime the host chose (kernel command line); runc when none or an unknown one
+    is named (logged: the host validates the name, so an unknown one is a mismatch)."""
+    from spinbox.api import contract
+    name = cmdline.get(contract.OCI_RUNTIME_PARAM, "runc")
+    if name not in contract.OCI_RUNTIMES:
+        log.warning("unknown %s=%r: using runc", contract.OCI_RUNTIME_PARAM, name)
+        return "runc"
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +82,7 @@ async def _amain(args: SimpleNamespace, pid1: bool) -> int:
         become_subreaper()
     reaper.install(loop)
     state_dir = args.state_dir or "/run/spinbox"
+    runtime = args.runc or (oci_runtime(_init.cmdline()) if pid1 else "runc")
 
     def make_agent():
         from pathlib import Path
@@ -77,7 +90,7 @@ async def _amain(args: SimpleNamespace, pid1: bool) -> int:
         from .agent import Agent
         # In the VM the guest is ours: /spinbox. Outside one, several agents may share the
         # host's cgroups: a parent per agent, removed at exit.
-        return Agent(Path(state_dir), reaper, runc_binary=args.runc, drain_idle_timeout=args.drain_timeout,
+        return Agent(Path(state_dir), reaper, runc_binary=runtime, drain_idle_timeout=args.drain_timeout,
                      cgroup_parent="/spinbox" if pid1 else f"/spinbox-vminitd-{os.getpid()}")
 
     stop = asyncio.Event()

@@ -250,6 +250,26 @@ class VirtioFSHandle(Handle):
             f.unlink(missing_ok=True)
 
 
+_SO_ACCEPTCON = 0x10000     # /proc/net/unix "Flags": the socket is listening
+
+
+def unix_socket_listening(path: str | os.PathLike[str], proc_net_unix: str = "/proc/net/unix") -> bool:
+    """Whether a unix socket bound at `path` is listening in this network namespace, read from
+    /proc/net/unix (`Num RefCount Protocol Flags Type St Inode Path`) without connecting."""
+    want = os.fspath(path)
+    try:
+        with open(proc_net_unix) as f:
+            next(f, None)                        # header
+            for line in f:
+                fields = line.split(None, 7)
+                if len(fields) == 8 and fields[7].rstrip("\n") == want:
+                    if int(fields[3], 16) & _SO_ACCEPTCON:
+                        return True
+    except OSError:
+        return False
+    return False
+
+
 async def add_virtiofs(vm: VM, source: str | os.PathLike[str], tag: str, *, cache: str = "auto",
                        xattr: bool = False, start_timeout: float = 5.0) -> VirtioFSHandle:
     """Start a virtiofsd for `source` and hot-plug a vhost-user-fs device with `tag`.
@@ -277,11 +297,14 @@ async def add_virtiofs(vm: VM, source: str | os.PathLike[str], tag: str, *, cach
                 process_group=0)
         vm.register_helper(f"virtiofsd-{tag}", handle.proc.pid, str(sock))
         vm.add_cleanup(f"virtiofsd {tag}", handle.stop_daemon)
+        # The socket file exists from bind() on, before virtiofsd listens: wait for listen(),
+        # or chardev-add can fail with "Connection refused" under load. A probe connection is
+        # no test: virtiofsd serves the first frontend that connects, and exits when it leaves.
         deadline = time.monotonic() + start_timeout
-        while not sock.exists():
+        while not unix_socket_listening(sock):
             if handle.proc.returncode is not None or time.monotonic() > deadline:
                 out_tail = vm.paths.virtiofsd_log(tag).read_text(errors="replace")[-2000:]
-                raise DeviceError(f"virtiofsd for {tag!r} did not create {sock} "
+                raise DeviceError(f"virtiofsd for {tag!r} is not listening on {sock} "
                                   f"(exit status {handle.proc.returncode}): {out_tail}")
             await asyncio.sleep(0.005)
         await vm.execute("chardev-add", {"id": handle.chardev_id, "backend": {

@@ -16,7 +16,7 @@ NON_DEFAULT = {
     "paths": {"share_dir": "/opt/sb/share", "state_dir": "/run/sbx", "cni_conf_dir": "/etc/sbcni",
               "cni_bin_dirs": ["/opt/cni2"], "qemu": "/opt/q/qemu", "virtiofsd": "/opt/q/virtiofsd"},
     "runtime": {"vmm": "qemu", "accel": "tcg", "machine": "q35", "transport": "virtio-serial",
-                "pci_hotplug_ports": 9},
+                "oci_runtime": "crun", "pci_hotplug_ports": 9},
     "timeouts": {"boot_s": 90, "shutdown_s": 7.5, "agent_call_s": 3},
     "network": {"enabled": False, "network": "sbnet", "interface": "eth1"},
     "cpu_hotplug": {"vcpus": 2, "max_vcpus": 6},
@@ -38,7 +38,8 @@ def test_defaults_without_any_file(tmp_path):
     assert cfg.paths.share_dir == "/usr/share/spinbox"
     assert cfg.paths.state_dir == "/run/spinbox"
     assert cfg.paths.cni_bin_dirs == ("/usr/lib/cni", "/opt/cni/bin")
-    assert (cfg.runtime.accel, cfg.runtime.machine, cfg.runtime.transport) == ("auto", "q35", "auto")
+    assert (cfg.runtime.accel, cfg.runtime.machine, cfg.runtime.transport, cfg.runtime.oci_runtime) == \
+        ("auto", "q35", "auto", "runc")
     assert cfg.effective_max_vcpus == 4 and cfg.effective_max_memory_mb == 2048
 
 
@@ -162,7 +163,8 @@ def test_vm_config_carries_every_vm_key(tmp_path):
     _image(share)
     cfg = c.from_dict({
         "paths": {"share_dir": str(share), "qemu": "/opt/q/qemu", "virtiofsd": "/opt/q/vfsd"},
-        "runtime": {"accel": "tcg", "machine": "q35", "transport": "virtio-serial", "pci_hotplug_ports": 7},
+        "runtime": {"accel": "tcg", "machine": "q35", "transport": "virtio-serial", "pci_hotplug_ports": 7,
+                    "oci_runtime": "crun"},
         "timeouts": {"boot_s": 77, "shutdown_s": 4},
         "cpu_hotplug": {"vcpus": 2, "max_vcpus": 5},
         "memory_hotplug": {"memory_mb": 512, "max_memory_mb": 1024, "slots": 3, "backend": "pc-dimm"},
@@ -177,7 +179,7 @@ def test_vm_config_carries_every_vm_key(tmp_path):
     assert (vm.memory_slots, vm.memory_hotplug) == (3, "pc-dimm")
     assert (vm.qemu_binary, vm.virtiofsd_binary) == ("/opt/q/qemu", "/opt/q/vfsd")
     assert vm.timeouts.boot_s == 77 and vm.timeouts.shutdown_grace_s == 4
-    assert vm.cmdline_extra == ["foo=1", "loglevel=7"] and vm.keep_console_log is True
+    assert vm.cmdline_extra == ["spinbox.oci_runtime=crun", "foo=1", "loglevel=7"] and vm.keep_console_log is True
     assert c.vm_config(cfg, vcpus=3).vcpus == 3      # sizing overrides win
 
 

@@ -173,3 +173,35 @@ def test_cmdline_order_base_image_extras(files):
 def test_socket_paths_too_long_are_refused():
     with pytest.raises(StatePathError, match="too long"):
         VMPaths(Path("/run/" + "x" * 100))
+
+
+def test_unix_socket_listening_only_after_listen(tmp_path):
+    """virtiofsd's socket file exists from bind() on; the shim must wait for listen()."""
+    import socket
+
+    from spinbox.shim.vm.devices import unix_socket_listening
+    path = tmp_path / "vfs.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        assert not unix_socket_listening(path)            # nothing bound
+        s.bind(str(path))
+        assert path.exists() and not unix_socket_listening(path)
+        s.listen(1)
+        assert unix_socket_listening(path)
+    finally:
+        s.close()
+    assert not unix_socket_listening(path)
+
+
+def test_unix_socket_listening_parses_proc_net_unix(tmp_path):
+    from spinbox.shim.vm.devices import unix_socket_listening
+    table = tmp_path / "unix"
+    table.write_text(
+        "Num       RefCount Protocol Flags    Type St Inode Path\n"
+        "0000000000000000: 00000002 00000000 00010000 0001 01 1001 /run/a.sock\n"
+        "0000000000000000: 00000002 00000000 00000000 0001 01 1002 /run/b.sock\n"
+        "0000000000000000: 00000003 00000000 00000000 0001 03 1003\n")
+    assert unix_socket_listening("/run/a.sock", str(table))
+    assert not unix_socket_listening("/run/b.sock", str(table))     # bound, not listening
+    assert not unix_socket_listening("/run/c.sock", str(table))
+    assert not unix_socket_listening("/run/a.sock", str(tmp_path / "absent"))

@@ -297,3 +297,11 @@ def test_adapt_spec_read_only_rootfs_needs_the_mount_point(tmp_path):
     out, _ = bundle.adapt_spec(_spec(), "c1", str(tmp_path / "empty"), terminal=False,
                                sandbox_files=SANDBOX_FILES)
     assert {"/etc/resolv.conf", "/etc/hosts"} <= {m["destination"] for m in out["mounts"]}
+
+
+def test_oci_runtime_from_the_kernel_cmdline():
+    from spinbox.vminitd.main import oci_runtime
+    assert oci_runtime({}) == "runc"
+    assert oci_runtime({"spinbox.oci_runtime": "crun"}) == "crun"
+    assert oci_runtime({"spinbox.oci_runtime": "runc"}) == "runc"
+    assert oci_runtime({"spinbox.oci_runtime": "/bin/sh"}) == "runc"     # never an arbitrary binary
