@@ -294,6 +294,26 @@ def test_stdout_stderr_and_exit_codes(env):
     assert (r.returncode, r.stdout, r.stderr) == (0, b"Linux\n", b"")
 
 
+def test_every_ctr_run_leaves_one_timeline_line(env):
+    """The shim logs where the time of a `ctr run --rm` went (containerd copies the shim's log
+    into its own): one line, in order, from the rootfs to the VM's stop."""
+    id = uid("tl")
+    r = env.ctr(*env.run_args("--rm"), env.ref, id, "true", check=False)
+    assert r.returncode == 0, r.stderr
+    def found() -> list[str]:
+        return [ln for ln in env.c.log_path.read_text(errors="replace").splitlines() if f"timeline {id}:" in ln]
+    wait_until(found, 20, "the timeline line in containerd's log")
+    lines = found()
+    assert len(lines) == 1, lines
+    marks = re.findall(r"(\w+)=(?:\w+:)?\+([0-9.]+)", lines[0].split(f"timeline {id}:", 1)[1])
+    names = [n for n, _ in marks]
+    for step in ("rootfs", "sandbox", "shared", "created", "started", "exit", "deleted", "vm_stopped"):
+        assert step in names, (step, lines[0])
+    assert "sandbox=cold:+" in lines[0]
+    times = [float(t) for _, t in marks]
+    assert times == sorted(times) and names[-1] == "vm_stopped"
+
+
 def test_crun_in_the_guest_by_runtime_options(env):
     """`runtime.oci_runtime = crun` from ctr's --runtime-config-path (runtime options, layered
     over the config file): the container runs under crun in the guest, same output and codes."""

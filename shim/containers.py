@@ -37,6 +37,7 @@ from .process import Container, ExitInfo, Process, StdioPaths
 from .sandbox import Sandbox
 from .state import State
 from .stdio import AgentInput, AgentOutput, ProcessIO
+from .timeline import Timelines
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class ContainerManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._sandbox_lock = asyncio.Lock()
         self.follower = GuestEventFollower(self.containers, self._publish_oom, lambda: self.closing)
+        self.timelines = Timelines()
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -117,6 +119,8 @@ class ContainerManager:
         if not p.exec_id:
             self._record_task(p.container_id, pid=info.pid, exit_status=info.status)
         await self.events.exit(p, info)
+        if not p.exec_id:
+            self.timelines.mark(p.container_id, "exit")
 
     async def _publish_oom(self, container_id: str) -> None:
         await self.events.publish(container_id, "/tasks/oom", ev.TaskOOM(container_id=container_id))
@@ -175,6 +179,7 @@ class ContainerManager:
         self._creating.add(id)
         try:
             async with contextlib.AsyncExitStack() as undo:
+                undo.callback(self.timelines.forget, id)
                 c = await self._create(undo, id, bundle, stdio, mounts)
                 undo.pop_all()                   # success: the container owns it all now
             self.containers[id] = c
@@ -191,11 +196,17 @@ class ContainerManager:
 
         await self._mount_rootfs(c, bundle, mounts)
         undo.callback(self._release_rootfs, c)
+        self.timelines.mark(id, "rootfs")
 
+        starting = self.sandbox is None
         sb = await self._sandbox_for(spec)
         undo.push_async_callback(sb.unshare, id)
+        self.timelines.mark(id, "sandbox", sb.start_kind if starting else "running")
+        if starting and "network" in sb.marks:
+            self.timelines.mark(id, "network", at=sb.marks["network"])
         guest_root = await sb.share_rootfs(id, c.rootfs.path if c.rootfs else bundle / "rootfs")
         shared = await sb.share_binds(id, binds)
+        self.timelines.mark(id, "shared")
         adapted, notes = spec_mod.adapt_spec(spec, rootfs=guest_root.path or "rootfs",
                                              shared=shared.sources, terminal=stdio.terminal)
         for n in notes:
@@ -212,6 +223,7 @@ class ContainerManager:
             readonly=guest_root.readonly, terminal=stdio.terminal, stdin=want["stdin"],
             stdout=want["stdout"], stderr=want["stderr"], shares=shared.mounts, timeout=self.agent_timeout)
         undo.push_async_callback(agent.delete, id, timeout=self.agent_timeout)
+        self.timelines.mark(id, "created")
         c.init.pid = pid
         c.sequencer = self._sequencer(c)
         self._attach_stdio(agent, c.init)
@@ -229,6 +241,8 @@ class ContainerManager:
             if p.exec_id and p.pid and pid != p.pid:
                 raise GuestProtocolError(f"the guest started {p.name} as pid {pid}, not {p.pid}")
             p.started(pid)
+            if not p.exec_id:
+                self.timelines.mark(c.id, "started")
             if p.exec_id:
                 # The guest made the exec's stdio at start: attach now, before the start event,
                 # so the exit path waits for this output.
@@ -325,6 +339,7 @@ class ContainerManager:
             raise HostError(f"container {c.id}: unmounting the rootfs failed: {e}") from None
         del self.containers[c.id]
         self._locks.pop(c.id, None)
+        self.timelines.mark(c.id, "deleted")
         if self.state is not None:
             try:
                 self.state.remove_task(c.id)
@@ -387,5 +402,9 @@ class ContainerManager:
                 log.warning("%s: unmounting the rootfs at close: %s", c.id, e)
         async with self._sandbox_lock:
             sb, self.sandbox = self.sandbox, None
-        if sb is not None:
-            await sb.stop()
+        try:
+            if sb is not None:
+                await sb.stop()
+                self.timelines.mark_all("vm_stopped")
+        finally:
+            self.timelines.flush()

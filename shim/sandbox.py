@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ class Sandbox:
         # the exits of every live process are then reported by the event follower.
         self.lost = asyncio.Event()
         self._stopped: asyncio.Future[None] | None = None
+        self.start_kind = "cold"                 # how it started (a template restore, later)
+        self.marks: dict[str, float] = {}        # monotonic times of start steps (shim.timeline)
 
     @property
     def state(self) -> SandboxState:
@@ -250,7 +253,7 @@ class VMSandbox(Sandbox):
         if net is not None:
             net.decide(spec or {})          # a bad config or annotation fails before any boot
         boot = asyncio.ensure_future(self._boot())
-        tasks = [boot] + ([asyncio.ensure_future(net.prepare())] if net is not None else [])
+        tasks = [boot] + ([asyncio.ensure_future(self._prepare_network(net))] if net is not None else [])
         errors: list[BaseException] = []
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -282,6 +285,10 @@ class VMSandbox(Sandbox):
             net.close_tap_fds()        # QEMU holds its own copies (or the VM is being torn down)
         names = await guest.agent.configure_network(plan.request, timeout=plan.agent_timeout_s)
         net.record_guest(names)
+
+    async def _prepare_network(self, net: NetworkAttachment) -> None:
+        await net.prepare()
+        self.marks["network"] = time.monotonic()
 
     @property
     def _guest(self) -> Guest:
