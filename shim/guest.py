@@ -19,11 +19,17 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spinbox.api import contract
 
 from .agent import AgentClient, AgentError
 from .vm import VM, VMConfig
+from .vm.machine import Restore
+from .vm.qemu_args import TemplateArgv
+
+if TYPE_CHECKING:
+    from .vm.template import CloneRAM, Template
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +112,49 @@ async def boot_guest(state_dir: str | os.PathLike[str], config: VMConfig | None 
     (the VM layer cleans up; the agent client is closed) and the VM layer's error propagates."""
     if config is None:
         config = default_config(share_dir)
-    vm = VM(config, state_dir, name=name)
+    return await _start_guest(VM(config, state_dir, name=name), name)
+
+
+async def boot_guest_for_template(state_dir: str | os.PathLike[str], config: VMConfig, ram: TemplateArgv, *,
+                                  name: str = "spinbox-template") -> Guest:
+    """A cold boot with the RAM in a file and a vmgenid device (shim/vm/template.py saves it)."""
+    return await _start_guest(VM(config, state_dir, name=name), name, template=ram)
+
+
+async def restore_guest(state_dir: str | os.PathLike[str], config: VMConfig, template: "Template", *,
+                        ram: "CloneRAM | None" = None, name: str = "spinbox",
+                        set_clock: bool = True) -> Guest:
+    """Start a clone of `template` (shim/vm/template.py) and wait until its vminitd answers on
+    this VM's own channel; then set the guest clock from the host (the clone wakes with the
+    template's time). `ram` (default COPY: virtiofs works) says how the clone's RAM is backed.
+    Errors as `boot_guest`: nothing is left running; the caller may boot cold instead."""
+    from .vm.template import CloneRAM, TemplateError, clone_config, clone_memory
+    if config.memory_mb != template.memory_mb:   # the key covers it; a cheap guard for callers
+        raise TemplateError(f"template {template.dir} has {template.memory_mb} MiB of RAM, the VM {config.memory_mb}")
+    mode = ram or CloneRAM.COPY
+    mem = clone_memory(template, mode)
+    try:
+        vm = VM(clone_config(config, mode), state_dir, name=name)
+        guest = await _start_guest(vm, name, template=mem.argv,
+                                   restore=Restore(template.state_file, pass_fds=mem.fds),
+                                   first_stream_id=template.next_stream_id)
+    finally:
+        mem.close()   # QEMU holds its own copy of the fd
+    try:
+        if set_clock:
+            await guest.agent.set_time()
+            guest.timeline["clock_set"] = guest.vm.elapsed()
+    except BaseException:
+        await guest.stop()
+        raise
+    log.info("guest %s restored from %s (RAM %s, %d MiB copied) in %.2f s", name, template.dir, mode.value,
+             mem.copied_bytes >> 20, guest.timeline.get("ready", float("nan")))
+    return guest
+
+
+async def _start_guest(vm: VM, name: str, *, template: TemplateArgv | None = None,
+                       restore: Restore | None = None, first_stream_id: int = 1) -> Guest:
+    config = vm.config
     holder: list[AgentClient] = []
 
     async def probe() -> None:
@@ -114,24 +162,30 @@ async def boot_guest(state_dir: str | os.PathLike[str], config: VMConfig | None 
         if holder and holder[0].connected:
             await holder[0].ping(timeout=1.0)
             return
+        sid = first_stream_id
         for old in holder:
+            if restore is not None:  # the guest may still hold the old client's ids
+                sid = max(sid, old.next_stream_id)
             await old.close()
         holder.clear()
         deadline = time.monotonic() + min(config.timeouts.boot_s, 30.0)
-        holder.append(await AgentClient.wait_ready(agent_address(vm), deadline))
+        holder.append(await AgentClient.wait_ready(agent_address(vm), deadline, first_stream_id=sid))
 
     try:
-        timeline = await vm.start(probe=probe)
+        if template is None:
+            timeline = await vm.start(probe=probe)
+        else:
+            timeline = await vm.start(probe=probe, template=template, restore=restore)
     except BaseException:
         for a in holder:
             with contextlib.suppress(Exception):
                 await a.close()
         raise
     agent = holder[0]
-    if vm.console is not None:
+    if vm.console is not None and restore is None:
         vm.console.poll()
         for key, t in guest_marks([ln.text for ln in vm.console.lines()]).items():
             timeline.setdefault(key, t)
     guest = Guest(vm, agent, timeline)
-    log.info("guest %s ready in %.2f s", name, guest.boot_seconds)
+    log.info("guest %s ready in %.2f s%s", name, guest.boot_seconds, " (restored)" if restore else "")
     return guest

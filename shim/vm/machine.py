@@ -18,6 +18,12 @@ dropping): `vm.died` is set, `await vm.wait_died()` returns a `VMExit`, callback
 callable or ACPI powerdown, bounded) → QMP quit → SIGKILL to the group → reap; then every
 helper process, socket, log and pidfile the VM made is removed, and the CID released.
 `kill_from_state(state_dir)` does the same for a VM whose shim crashed, from vm.json.
+
+VM templates (shim/vm/template.py): `start(probe, template=TemplateArgv(...))` boots with guest
+RAM in a file; `save_state(path)` then pauses the guest and writes its device state (RAM in the
+shared file is skipped: x-ignore-shared). `start(probe, template=..., restore=Restore(...))`
+starts a clone: QEMU waits (`-incoming defer`), the state is loaded over QMP (`migrate-incoming
+fd:`), the guest runs on, and the probe decides readiness as for a cold boot.
 """
 from __future__ import annotations
 
@@ -46,13 +52,22 @@ from .cid import DEFAULT_RUNTIME_DIR, CIDLease, allocate_cid
 from .config import VMConfig
 from .console import ConsoleLog
 from .paths import VMPaths
-from .qemu_args import Resolved, build_argv
+from .qemu_args import Resolved, TemplateArgv, build_argv
 
 log = logging.getLogger(__name__)
 
 Probe = Callable[[], Awaitable[object]]
 Cleanup = Callable[[], Awaitable[None]]
 STATE_FILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Start from a saved device state instead of booting (the argv's TemplateArgv says where
+    the RAM comes from). `pass_fds` are inherited by QEMU (a memfd behind /proc/self/fd/N)."""
+    state_file: Path
+    ignore_shared: bool = True
+    pass_fds: tuple[int, ...] = ()
 
 
 class VMState(enum.Enum):
@@ -154,6 +169,8 @@ class VM:
         self._retrying = False
         self.fd_lock = asyncio.Lock()   # SCM_RIGHTS + getfd must not interleave with another fd
         self.used_ports: set[str] = set()  # pcie-root-ports taken by hot-plugged devices
+        self.template: TemplateArgv | None = None
+        self.restore: Restore | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -214,15 +231,21 @@ class VM:
                                       timeout or self.config.timeouts.qmp_command_s)
 
     # ------------------------------------------------------------------ start
-    async def start(self, probe: Probe | None = None) -> dict[str, float]:
+    async def start(self, probe: Probe | None = None, *, template: TemplateArgv | None = None,
+                    restore: Restore | None = None) -> dict[str, float]:
         """Boot and wait until ready; returns the timeline. On any failure QEMU is gone and
-        everything cleaned up before the exception leaves (state FAILED)."""
+        everything cleaned up before the exception leaves (state FAILED). `template`: RAM in a
+        file + vmgenid (a template or a clone); `restore`: load that saved state (a clone)."""
         if self._state is not VMState.CREATED:
             raise VMStateError(f"vm {self.name}: start() in state {self._state.value} (a VM starts once)")
+        if restore is not None and (template is None or not template.incoming):
+            raise VMStateError(f"vm {self.name}: a restore needs a TemplateArgv with incoming=True")
+        self.template, self.restore = template, restore
         self._set_state(VMState.BOOTING)
         try:
             self._prepare()
-            attempts = self.config.timeouts.boot_attempts
+            # a restored guest prints nothing: the early-hang watchdog is for cold boots only
+            attempts = 1 if restore is not None else self.config.timeouts.boot_attempts
             for attempt in range(1, attempts + 1):
                 await self._exec()
                 try:
@@ -260,7 +283,7 @@ class VM:
     async def _exec(self) -> None:
         argv = build_argv(self.config, self.paths,
                           Resolved(self.accel.value, self.transport.value, self.cid),  # type: ignore[union-attr]
-                          name=self.name)
+                          name=self.name, template=self.template)
         log.debug("vm %s: exec %s", self.name, " ".join(argv))
         self.paths.console_log.parent.mkdir(parents=True, exist_ok=True)
         self.paths.console_log.write_bytes(b"")  # QEMU appends; start from an empty file
@@ -269,6 +292,7 @@ class VM:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 process_group=0,  # our signals (Ctrl-C to the shim's group) never reach it
+                pass_fds=self.restore.pass_fds if self.restore else (),
                 preexec_fn=procinfo.set_pdeathsig if self.config.die_with_parent else None)
         self.timeline = {"qemu_exec": 0.0}
         self._pid_start = procinfo.start_time(self._proc.pid)
@@ -408,7 +432,7 @@ class VM:
         deadline = self._t0 + t.boot_s
         ready = asyncio.ensure_future(self._wait_ready(probe, deadline))
         assert self._exit_task is not None
-        early = self._t0 + t.first_output_s if t.first_output_s else None
+        early = self._t0 + t.first_output_s if t.first_output_s and self.restore is None else None
         try:
             while True:
                 until = min(deadline, early) if early else deadline
@@ -439,6 +463,8 @@ class VM:
 
     async def _wait_ready(self, probe: Probe | None, deadline: float) -> None:
         await self._connect_qmp(min(deadline, self._t0 + self.config.timeouts.qmp_connect_s))
+        if self.restore is not None:
+            await self._incoming(self.restore, deadline)
         watcher = self._spawn(self._watch_console(), "console")
         if probe is not None:
             delay = 0.01
@@ -462,6 +488,67 @@ class VM:
             self.console.poll()
             if self.console.line_count and "first_console" not in self.timeline:
                 self.timeline["first_console"] = self.console.lines()[0].t
+
+    async def _send_fd(self, fd: int, fdname: str) -> None:
+        async with self.fd_lock:  # QEMU binds the fd to the next getfd on this monitor
+            self.qmp.send_fd_scm(fd)
+            await self.execute("getfd", {"fdname": fdname})
+
+    async def _set_ignore_shared(self, on: bool) -> None:
+        await self.execute("migrate-set-capabilities",
+                           {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+
+    async def _wait_migration(self, deadline: float, what: str) -> dict[str, Any]:
+        delay = 0.002
+        while True:
+            r = await self.execute("query-migrate")
+            status = r.get("status")
+            if status == "completed":
+                return r
+            if status in ("failed", "cancelled"):
+                raise VMError(f"{what} {status}: {r.get('error-desc', 'no reason given')}; "
+                              f"QEMU log: {' | '.join(_tail_file(self.paths.qemu_log, 5))}")
+            if not self.alive:
+                raise VMError(f"QEMU exited during {what}: {' | '.join(_tail_file(self.paths.qemu_log, 5))}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} not completed in time (status {status})")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def _incoming(self, restore: Restore, deadline: float) -> None:
+        """Load the saved device state into the waiting QEMU and let the guest run on."""
+        await self._set_ignore_shared(restore.ignore_shared)
+        fd = os.open(restore.state_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await self._send_fd(fd, "spinbox-incoming")
+        finally:
+            os.close(fd)
+        await self.execute("migrate-incoming", {"uri": "fd:spinbox-incoming"})
+        # query-migrate on the incoming side reports "completed" once the state is loaded
+        await self._wait_migration(deadline, "restore (incoming migration)")
+        self.timeline["state_loaded"] = self.elapsed()
+        status = (await self.execute("query-status")).get("status")
+        if status != "running":  # QEMU autostarts after -incoming unless -S; be explicit anyway
+            await self.execute("cont")
+        self.timeline["resumed"] = self.elapsed()
+
+    async def save_state(self, path: str | os.PathLike[str], *, ignore_shared: bool = True,
+                         timeout: float = 60.0) -> dict[str, Any]:
+        """Pause the guest and write its state to `path` (RAM in a shared file skipped with
+        `ignore_shared`). The guest stays paused; QEMU refuses to run it or save it again, so
+        stop() comes next. Returns QEMU's final query-migrate."""
+        if self._state is not VMState.RUNNING:
+            raise VMStateError(f"vm {self.name}: save_state() in state {self._state.value}")
+        deadline = time.monotonic() + timeout
+        await self.execute("stop")
+        await self._set_ignore_shared(ignore_shared)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await self._send_fd(fd, "spinbox-save")
+        finally:
+            os.close(fd)
+        await self.execute("migrate", {"uri": "fd:spinbox-save"})
+        return await self._wait_migration(deadline, "save (migration)")
 
     async def _fail_boot(self, exc: BaseException) -> None:
         timed_out = isinstance(exc, TimeoutError)

@@ -16,6 +16,11 @@ What is on it and why:
 - guest RAM from a memfd with share=on so vhost-user devices (virtiofsd) can map it; the
   virtio-mem device (hot-plug room) uses the same kind of backend.
 - `-sandbox on,...` seccomp: QEMU may not exec, setuid, change scheduling or use obsolete calls.
+- VM templates (`TemplateArgv`, shim/vm/template.py): guest RAM from a `memory-backend-file`
+  (the template's RAM file, share=on while it is built; the same file share=off = MAP_PRIVATE in a
+  clone, or a per-clone copy share=on), a `vmgenid` device, and `-incoming defer` in a clone (the
+  device state comes over QMP `migrate-incoming fd:`: seccomp's spawn=deny rules out `exec:`).
+  Without a TemplateArgv the argv is exactly the cold-boot one.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ VIRTIO_MEM_ID = "vmem0"          # qom path /machine/peripheral/vmem0
 VIRTIO_MEM_BACKEND_ID = "vmem0-mem"
 RAM_BACKEND_ID = "ram0"
 AGENT_CHARDEV_ID = "agent"
+VMGENID_ID = "vmgenid0"
 HOTPLUG_PORT_PREFIX = "hp"        # pcie-root-port ids hp0, hp1, ...
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -38,6 +44,16 @@ class Resolved:
     accel: str            # "kvm" | "tcg"
     transport: str        # "vsock" | "virtio-serial"
     cid: int | None = None  # with vsock
+
+
+@dataclass(frozen=True)
+class TemplateArgv:
+    """What a template VM or a clone changes on the command line (nothing else differs, so the
+    migration stream of the one loads into the other)."""
+    ram_path: str          # memory-backend-file mem-path (a file, or /proc/self/fd/N of a memfd)
+    share: bool            # share=on: template build / per-clone copy; share=off: MAP_PRIVATE clone
+    vmgenid: str = "auto"  # the VM generation id: "auto" in the template, a new uuid per clone
+    incoming: bool = False  # -incoming defer: the clone waits for migrate-incoming over QMP
 
 
 def qopt(value: object) -> str:
@@ -80,7 +96,8 @@ def virtio_device(config: VMConfig, kind: str) -> str:
     return f"{kind}-pci" if _is_pci(config) else f"{kind}-device"
 
 
-def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str = "spinbox") -> list[str]:
+def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str = "spinbox",
+               template: TemplateArgv | None = None) -> list[str]:
     if resolved.accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be resolved to kvm or tcg (got {resolved.accel!r})")
     if resolved.transport not in ("vsock", "virtio-serial"):
@@ -125,7 +142,9 @@ def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str =
         "-cpu", "host" if resolved.accel == "kvm" else "max",
         "-smp", smp,
         "-m", mem,
-        "-object", f"{backend},id={RAM_BACKEND_ID},size={config.memory_mb}M{share}",
+        "-object", (f"{backend},id={RAM_BACKEND_ID},size={config.memory_mb}M{share}" if template is None
+                    else f"memory-backend-file,id={RAM_BACKEND_ID},size={config.memory_mb}M,"
+                         f"mem-path={qopt(template.ram_path)},share={'on' if template.share else 'off'}"),
         "-kernel", qopt(config.kernel),
     ]
     if config.initrd is not None:
@@ -165,4 +184,8 @@ def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str =
             "-object", f"{backend},id={VIRTIO_MEM_BACKEND_ID},size={hotplug_mb}M{share}",
             "-device", f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_BACKEND_ID},requested-size=0",
         ]
+    if template is not None:
+        argv += ["-device", f"vmgenid,id={VMGENID_ID},guid={qopt(template.vmgenid)}"]
+        if template.incoming:
+            argv += ["-incoming", "defer"]
     return argv
