@@ -43,6 +43,7 @@ from integration.images import import_busybox
 pytestmark = pytest.mark.integration
 
 RUNTIME = "io.containerd.spinbox.v1"
+START = os.environ.get("SPINBOX_TEST_START", "template")     # runtime.start of the suite's shims
 SHIM_BIN_DIR = Path(sys.executable).parent          # .venv/bin: containerd-shim-spinbox-v1
 SHARE_DIR = Path(os.environ.get("SPINBOX_SHARE_DIR", "/usr/share/spinbox"))
 DEFAULT_STATE_DIR = Path("/run/spinbox")
@@ -168,14 +169,22 @@ def leftovers(env: Env) -> list[str]:
         problems.append(f"mounts: {mounts}")
     if env.state_dir.exists():
         left = sorted(str(p.relative_to(env.state_dir)) for p in env.state_dir.rglob("*"))
-        # the namespace dir and the vm/ parent may stay (empty dirs); files may not
-        files = [p for p in left if not (env.state_dir / p).is_dir()]
+        # the namespace dir and the vm/ parent may stay (empty dirs); files may not, except the
+        # VM template cache (templates/<shape>/ and its lock: kept on purpose, for the next start)
+        files = [p for p in left if not (env.state_dir / p).is_dir() and not _is_template_file(p)]
         if files:
             problems.append(f"files under the spinbox state dir {env.state_dir}: {files}")
     bundles = env.bundle_dir()
     if bundles.exists() and any(bundles.iterdir()):
         problems.append(f"task bundles in containerd's state dir: {sorted(os.listdir(bundles))}")
     return problems
+
+
+def _is_template_file(rel: str) -> bool:
+    """Under templates/ (the suite's template dirs too), except a build in progress (`.b-*`):
+    none may be left once every `ctr run` returned."""
+    parts = rel.split("/")
+    return parts[0] == "templates" and not any(p.startswith((".b-", ".vm-")) for p in parts)
 
 
 def _default_state_entries() -> set[str]:
@@ -202,7 +211,9 @@ def env():
     state_dir = work / "st"                  # short: unix sockets live under it
     cfg = work / "config.json"
     # an empty CNI conf dir: loopback-only sandboxes (networking has its own suite, test_ctr_network)
-    cfg.write_text(json.dumps({"paths": {"state_dir": str(state_dir), "cni_conf_dir": str(work / "no-cni")}}))
+    # SPINBOX_TEST_START=cold runs the suite with cold boots (task test runs it both ways)
+    cfg.write_text(json.dumps({"paths": {"state_dir": str(state_dir), "cni_conf_dir": str(work / "no-cni")},
+                               "runtime": {"start": START}}))
     c = Containerd.create(path_prefix=[SHIM_BIN_DIR], env={"SPINBOX_CONFIG": str(cfg)}, cri=False)
     e = Env(c, "", work, state_dir)
     problems: list[str] = []
@@ -309,7 +320,8 @@ def test_every_ctr_run_leaves_one_timeline_line(env):
     names = [n for n, _ in marks]
     for step in ("rootfs", "sandbox", "shared", "created", "started", "exit", "deleted", "vm_stopped"):
         assert step in names, (step, lines[0])
-    assert "sandbox=cold:+" in lines[0]
+    assert re.search(r" sandbox=(cold|template):\+" if START == "template" else r" sandbox=cold:\+",
+                     lines[0]), lines[0]
     times = [float(t) for _, t in marks]
     assert times == sorted(times) and names[-1] == "vm_stopped"
 
@@ -386,6 +398,90 @@ def test_five_containers_at_once(env):
     for i, r in enumerate(results):
         assert (r.returncode, r.stdout, r.stderr) == (10 + i, f"hello-from-{i}\n".encode(),
                                                       f"err-{i}\n".encode()), (i, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# VM templates (runtime.start = template, the default): each test uses a template dir of its
+# own through runtime options, so it sees the cache from empty
+
+def _template_opts(env: Env, name: str) -> tuple[list[str], Path]:
+    tdir = env.state_dir / "templates" / f"t-{name}"
+    opts = env.work / f"tpl-{name}.json"
+    opts.write_text(json.dumps({"paths": {"template_dir": str(tdir)}, "runtime": {"start": "template"}}))
+    return ["--runtime-config-path", str(opts)], tdir
+
+
+def _log_lines(env: Env, needle: str) -> list[str]:
+    return [ln for ln in env.c.log_path.read_text(errors="replace").splitlines() if needle in ln]
+
+
+def _template_dirs(tdir: Path) -> list[Path]:
+    return sorted(p for p in tdir.iterdir() if p.is_dir()) if tdir.is_dir() else []
+
+
+def test_sandboxes_started_at_once_build_one_template_and_are_distinct_machines(env):
+    """Three `ctr run` at once with no template yet: it is built once (host-wide lock), all
+    three are restored from it, and each clone is its own machine: its own boot id, its own
+    random bytes, the host's clock."""
+    opts, tdir = _template_opts(env, "par")
+    ids = [uid(f"tp{i}") for i in range(3)]
+    script = "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"
+
+    def one(i: int) -> subprocess.CompletedProcess:
+        return env.ctr(*env.run_args("--rm", *opts), env.ref, ids[i], "sh", "-c", script, check=False)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(one, range(3)))
+    now = time.time()
+    outs = []
+    for r in results:
+        assert r.returncode == 0, r.stderr
+        boot_id, rnd, clock = r.stdout.decode().split()
+        outs.append((boot_id, rnd, int(clock)))
+    built = _log_lines(env, f"vm template {tdir}/")
+    assert len([ln for ln in built if " built in " in ln]) == 1, _log_lines(env, "template")[-10:]
+    assert len(_template_dirs(tdir)) == 1
+    for id in ids:
+        assert _log_lines(env, f"timeline {id}: ") and " sandbox=template:+" in _log_lines(env, f"timeline {id}: ")[0]
+    assert len({b for b, _, _ in outs}) == 3, outs          # boot ids differ
+    assert len({x for _, x, _ in outs}) == 3, outs          # random bytes differ
+    assert all(abs(c - now) < 30 for _, _, c in outs), (outs, now)   # the host's clock, not the template's
+
+
+def test_a_corrupt_template_is_removed_and_the_sandbox_boots_cold(env):
+    opts, tdir = _template_opts(env, "bad")
+    r = env.ctr(*env.run_args("--rm", *opts), env.ref, uid("tb"), "true", check=False)
+    assert r.returncode == 0, r.stderr
+    [t] = _template_dirs(tdir)
+    state = t / "state"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    id = uid("tb")
+    r = env.ctr(*env.run_args("--rm", *opts), env.ref, id, "sh", "-c", "echo still-runs", check=False)
+    assert (r.returncode, r.stdout) == (0, b"still-runs\n"), r.stderr
+    refused = _log_lines(env, "checksum mismatch")
+    assert any(str(t) in ln and "booting cold" in ln for ln in refused), refused
+    assert " sandbox=cold:+" in _log_lines(env, f"timeline {id}: ")[0]
+    assert not t.exists()                                    # removed: the next start builds afresh
+    r = env.ctr(*env.run_args("--rm", *opts), env.ref, uid("tb"), "true", check=False)
+    assert r.returncode == 0 and len(_template_dirs(tdir)) == 1, r.stderr
+
+
+def test_removing_the_templates_while_sandboxes_run_breaks_none(env):
+    opts, tdir = _template_opts(env, "rm")
+    ids = [uid("tr"), uid("tr")]
+    for id in ids:
+        env.ctr(*env.run_args("-d", *opts), env.ref, id, "sleep", "600")
+    try:
+        wait_until(lambda: all(env.tasks().get(i) == "RUNNING" for i in ids), 120, "both sandboxes to run")
+        shutil.rmtree(tdir)
+        for id in ids:
+            r = env.ctr("task", "exec", "--exec-id", "after-rm", id, "sh", "-c", "echo alive", check=False)
+            assert (r.returncode, r.stdout) == (0, b"alive\n"), r.stderr
+    finally:
+        for id in ids:
+            kill_quietly(env, id)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from .network.attachment import NetworkAttachment, NetworkSettings
 from .sandbox import VMSandbox
 from .state import GroupPaths, State
 from .task_service import TaskService
+from .templates import TemplateCache
 
 
 def build_task_service(sandbox_factory: SandboxFactory, publisher: Publisher | None, *,
@@ -40,12 +41,20 @@ def build_task_service(sandbox_factory: SandboxFactory, publisher: Publisher | N
 def vm_sandbox_factory(group: str, config: config_mod.SpinboxConfig, paths: GroupPaths,
                        state: State) -> SandboxFactory:
     """A VMSandbox per call: the VM's directory recorded before QEMU starts (crash cleanup),
-    the network from the config and the first container's spec."""
+    restored from the template of its shape (`runtime.start = template`; cold boot when that
+    cannot be), the network from the config and the first container's spec."""
     vm_config = config_mod.vm_config(config)
+    templates = (TemplateCache(config_mod.template_dir(config), state=state, owner=group)
+                 if config.runtime.start == "template" else None)
+    image_hash = config_mod.guest_image(config).hash
 
     async def boot() -> Guest:
         vm_dir = paths.vm_dir
         state.record("vm", str(vm_dir), owner=group, path=str(vm_dir))
+        if templates is not None:
+            guest = await templates.start_guest(vm_dir, vm_config, image_hash, name=group)
+            if guest is not None:
+                return guest
         return await boot_guest(vm_dir, vm_config, name=group)
 
     def sandbox() -> VMSandbox:

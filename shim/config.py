@@ -62,6 +62,7 @@ class PathsConfig:
     cni_bin_dirs: tuple[str, ...] = ("/usr/lib/cni", "/opt/cni/bin")
     qemu: str = "qemu-system-x86_64"                # QEMU binary (name on PATH or absolute)
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"      # virtiofsd binary
+    template_dir: str = ""                          # VM templates ("" = <state_dir>/templates; tmpfs is best)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class RuntimeConfig:
     machine: str = _choice("q35", "q35", "microvm")
     transport: str = _choice("auto", "auto", "vsock", "virtio-serial")
     oci_runtime: str = _choice("runc", *contract.OCI_RUNTIMES)   # OCI runtime inside the guest
+    # how a sandbox's VM starts: restored from a saved VM of its shape (built on first need,
+    # cold boot when that fails), or booted from scratch
+    start: str = _choice("template", "template", "cold")
     # q35: PCIe ports for hot-plugged devices. A pod uses one per NIC and two per running
     # container (its rootfs share, its bind-mount share); freed when the container is deleted.
     pci_hotplug_ports: int = _num(16, 0, 32)
@@ -216,6 +220,8 @@ def _validate(cfg: SpinboxConfig) -> None:
         p = getattr(cfg.paths, key)
         if not os.path.isabs(p):
             raise ConfigError(f"paths.{key}", f"must be an absolute path (got {p!r})")
+    if cfg.paths.template_dir and not os.path.isabs(cfg.paths.template_dir):
+        raise ConfigError("paths.template_dir", f"must be an absolute path or \"\" (got {cfg.paths.template_dir!r})")
     for d in cfg.paths.cni_bin_dirs:
         if not os.path.isabs(d):
             raise ConfigError("paths.cni_bin_dirs", f"entries must be absolute paths (got {d!r})")
@@ -419,6 +425,11 @@ class GuestImageFiles:
     initrd: Path
     root_disk: Path | None
     cmdline: str
+    hash: str = ""          # the image's content hash (image.json), part of a VM template's key
+
+
+def template_dir(cfg: SpinboxConfig) -> Path:
+    return Path(cfg.paths.template_dir or Path(cfg.paths.state_dir) / "templates")
 
 
 def guest_image(cfg: SpinboxConfig) -> GuestImageFiles:
@@ -456,4 +467,6 @@ def guest_image(cfg: SpinboxConfig) -> GuestImageFiles:
     cmdline = manifest.get("cmdline", "")
     if not isinstance(cmdline, str):
         raise ConfigError(key, f"{manifest_path}: cmdline must be a string")
-    return GuestImageFiles(kernel=kernel, initrd=initrd, root_disk=member("root_disk"), cmdline=cmdline)
+    image_hash = manifest.get("hash", "")
+    return GuestImageFiles(kernel=kernel, initrd=initrd, root_disk=member("root_disk"), cmdline=cmdline,
+                           hash=image_hash if isinstance(image_hash, str) else "")

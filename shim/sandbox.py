@@ -268,6 +268,7 @@ class VMSandbox(Sandbox):
         if errors:
             raise errors[0]
         guest = self._guest
+        self.start_kind = "template" if "state_loaded" in guest.timeline else "cold"
         self.agent = guest.agent
         self._watch = asyncio.ensure_future(self._watch_vm(guest))
         if net is not None:

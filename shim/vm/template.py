@@ -61,6 +61,7 @@ MANIFEST = "manifest.json"
 RAM_FILE = "ram"
 STATE_FILE = "state"
 MAX_MANIFEST_BYTES = 64 * 1024
+BUILDING_PREFIX = ".b-"     # a template being built (or the leftover of a builder that died)
 
 
 class TemplateError(HostError):
@@ -235,7 +236,8 @@ def load_template(dir: str | os.PathLike[str], key: str) -> Template | None:
 # build
 
 async def build_template(config: VMConfig, dir: str | os.PathLike[str], *, key: str,
-                         name: str = "spinbox-template", extra: dict[str, Any] | None = None) -> Template:
+                         name: str = "spinbox-template", extra: dict[str, Any] | None = None,
+                         vm_dir: str | os.PathLike[str] | None = None) -> Template:
     """Boot `config` with its RAM in `<dir>/ram`, wait for vminitd, save it, stop QEMU.
     Built in a sibling temp dir and renamed into place (an existing `dir` is replaced), so a
     reader never sees half a template; on failure nothing is left but the error."""
@@ -243,12 +245,15 @@ async def build_template(config: VMConfig, dir: str | os.PathLike[str], *, key: 
 
     d = Path(dir)
     d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = d.with_name(f".{d.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    # short: the builder VM's unix sockets live below it (107-byte limit)
+    tmp = d.with_name(f"{BUILDING_PREFIX}{d.name}-{uuid.uuid4().hex[:6]}")
     tmp.mkdir(mode=0o700)
     t0 = time.monotonic()
     try:
         ram = tmp / RAM_FILE
-        guest = await boot_guest_for_template(tmp / "vm", config, TemplateArgv(str(ram), share=True), name=name)
+        # the builder VM's own dir (sockets, vm.json): `vm_dir` when the caller keeps it short
+        build_vm = Path(vm_dir) if vm_dir is not None else tmp / "vm"
+        guest = await boot_guest_for_template(build_vm, config, TemplateArgv(str(ram), share=True), name=name)
         try:
             next_sid = guest.agent.next_stream_id
             await guest.agent.close()
@@ -271,7 +276,7 @@ async def build_template(config: VMConfig, dir: str | os.PathLike[str], *, key: 
             **(extra or {}),
         }
         with contextlib.suppress(OSError):
-            (tmp / "vm").rmdir()
+            build_vm.rmdir()
         mtmp = tmp / (MANIFEST + ".tmp")
         mtmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         os.replace(mtmp, tmp / MANIFEST)

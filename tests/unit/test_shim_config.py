@@ -14,9 +14,10 @@ from spinbox.shim import config as c
 # one non-default value per key (the file must be able to change every one of them)
 NON_DEFAULT = {
     "paths": {"share_dir": "/opt/sb/share", "state_dir": "/run/sbx", "cni_conf_dir": "/etc/sbcni",
-              "cni_bin_dirs": ["/opt/cni2"], "qemu": "/opt/q/qemu", "virtiofsd": "/opt/q/virtiofsd"},
+              "cni_bin_dirs": ["/opt/cni2"], "qemu": "/opt/q/qemu", "virtiofsd": "/opt/q/virtiofsd",
+              "template_dir": "/run/sbt"},
     "runtime": {"vmm": "qemu", "accel": "tcg", "machine": "q35", "transport": "virtio-serial",
-                "oci_runtime": "crun", "pci_hotplug_ports": 9},
+                "oci_runtime": "crun", "start": "cold", "pci_hotplug_ports": 9},
     "timeouts": {"boot_s": 90, "shutdown_s": 7.5, "agent_call_s": 3},
     "network": {"enabled": False, "network": "sbnet", "interface": "eth1"},
     "cpu_hotplug": {"vcpus": 2, "max_vcpus": 6},
@@ -222,3 +223,15 @@ def test_example_containerd_options_are_valid_config_bodies(name, plugin):
     body = "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in t.items())
                      for s, t in rt["options"].items())
     c.load(_options_any(config_body=body), env={})
+
+
+def test_template_dir_defaults_under_the_state_dir_and_must_be_absolute(tmp_path):
+    cfg = c.load(env={})
+    assert c.template_dir(cfg) == Path("/run/spinbox/templates") and cfg.runtime.start == "template"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"paths": {"template_dir": "rel/dir"}}))
+    with pytest.raises(c.ConfigError, match="paths.template_dir"):
+        c.load(env={c.CONFIG_ENV: str(bad)})
+    bad.write_text(json.dumps({"runtime": {"start": "warm"}}))
+    with pytest.raises(c.ConfigError, match="runtime.start"):
+        c.load(env={c.CONFIG_ENV: str(bad)})
