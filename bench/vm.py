@@ -1,4 +1,5 @@
-"""Benchmark section "vm": boot the default guest (share dir kernel + image) N times.
+"""Benchmark section "vm": boot the default guest (share dir kernel + image) N times, then
+restore it N times from a VM template of the same shape.
 
 Reports boot-to-ready (QEMU exec → vminitd answers a ping over the agent channel) min/median/
 max, the per-stage timeline medians, guest memory used after boot (MemTotal - MemAvailable via
@@ -66,6 +67,34 @@ async def _one_boot(i: int, measure_idle: bool) -> dict:
         shutil.rmtree(state, ignore_errors=True)
 
 
+async def _restores(n: int) -> tuple[float, list[dict], int]:
+    """Build a template of the default shape (in a temp dir), then restore it n times, one
+    after another: (build s, timelines, QEMU RSS of an idle clone in KiB)."""
+    from spinbox.shim.guest import restore_guest
+    from spinbox.shim.templates import TemplateCache
+    from spinbox.shim.vm.config import VMConfig, image_from_share_dir
+
+    root = Path(tempfile.mkdtemp(prefix="sbbt-", dir="/tmp"))
+    try:
+        config = VMConfig.from_share_dir()
+        t0 = time.monotonic()
+        template = await TemplateCache(root / "t").build(config, str(image_from_share_dir().manifest.get("hash", "")))
+        build_s = time.monotonic() - t0
+        out, rss = [], 0
+        for i in range(n):
+            guest = await restore_guest(root / f"c{i}", config, template, name=f"bench-clone-{i}")
+            try:
+                out.append(dict(guest.timeline))
+                if i == 0:
+                    await asyncio.sleep(IDLE_SETTLE_S)
+                    rss = _rss_kb(guest.vm.pid)
+            finally:
+                await guest.stop()
+        return build_s, out, rss
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 async def _run(n: int) -> list[dict]:
     return [await _one_boot(i, measure_idle=(i == 0)) for i in range(n)]
 
@@ -83,6 +112,7 @@ def section_vm() -> tuple[str, list[str], list[str]]:
         raise RuntimeError("skipped: qemu-system-x86_64 not installed")
     image = image_from_share_dir()   # names the missing kernel / image
     runs = asyncio.run(_run(N_BOOTS))
+    build_s, clones, clone_rss = asyncio.run(_restores(N_BOOTS))
     first = runs[0]
     cfg = first["config"]
     ready = [r["timeline"]["ready"] for r in runs]
@@ -97,6 +127,12 @@ def section_vm() -> tuple[str, list[str], list[str]]:
           for k in host_keys),
         *(f"| stage `{k}` (guest uptime), median | {statistics.median(r['timeline'][k] for r in runs):.2f} s |"
           for k in guest_keys),
+        f"| **from a VM template**: QEMU exec → agent ping answered, min / median / max of {len(clones)} | "
+        f"{_mmm([c['ready'] for c in clones])} s |",
+        *(f"| template stage `{k}` (host s since exec), median | {statistics.median(c[k] for c in clones):.2f} s |"
+          for k in clones[0] if k != "qemu_exec" and all(k in c for c in clones) and not k.startswith("guest_")),
+        f"| building the template (cold boot + save), once | {build_s:.2f} s |",
+        f"| host RSS of one idle clone (QEMU process, {IDLE_SETTLE_S:.0f} s after ready) | {clone_rss / 1024:.0f} MiB |",
         f"| guest memory used after boot (MemTotal − MemAvailable), median | "
         f"{statistics.median(r['guest_used'] for r in runs) / 2**20:.1f} MiB of "
         f"{first['guest_total'] / 2**20:.0f} MiB |",
