@@ -85,7 +85,8 @@ def _assert_guest_facts(guest) -> None:
 
 
 async def test_q35_boots_to_init_with_container_features_and_powers_off(kernel, initramfs):
-    argv = bc.qemu_argv(kernel, initramfs, machine="q35", append=bc.kernel_cmdline())
+    # with a vmgenid device, as VM templates and their clones have (shim/vm/template.py)
+    argv = bc.qemu_argv(kernel, initramfs, machine="q35", append=bc.kernel_cmdline(), vmgenid="auto")
     async with bc.run_guest(argv) as guest:
         await guest.wait_line(bc.INIT_MARKER, 120)
         await guest.wait_line(bc.DONE_MARKER, 120)
@@ -93,6 +94,11 @@ async def test_q35_boots_to_init_with_container_features_and_powers_off(kernel, 
         rc = await guest.wait_exit(120)
         assert rc == 0, guest.console()
         _assert_guest_facts(guest)
+        # CONFIG_VMGENID: the driver is built in and bound to QEMU's device (ACPI id QEMUVGID,
+        # compatible VM_GEN_COUNTER): a clone's new generation id reseeds its CRNG
+        vmgenid = guest.facts("VMGENID")
+        assert vmgenid and vmgenid[0].split()[0] == "driver", guest.console()
+        assert any(d.startswith("QEMUVGID:") for d in vmgenid[0].split()[1:]), guest.console()
 
 
 async def test_microvm_finds_virtio_mmio_devices(kernel, initramfs):
@@ -108,6 +114,8 @@ async def test_microvm_finds_virtio_mmio_devices(kernel, initramfs):
         # no ACPI power-off here: the guest reboots and -no-reboot turns that into an exit
         assert await guest.wait_exit(120) == 0, guest.console()
         _assert_guest_facts(guest)
+        # acpi=off: no ACPI bus, so no vmgenid driver either (VM templates are q35)
+        assert [f.split() for f in guest.facts("VMGENID")] == [["none"]], guest.console()
 
 
 async def test_q35_vcpu_and_virtio_mem_hotplug(kernel, initramfs, tmp_path):

@@ -68,7 +68,7 @@ async def env():
     try:
         rootfs = tmp / "rootfs"
         make_busybox_rootfs(rootfs)
-        for applet in ("od", "date"):
+        for applet in ("od", "date", "tr", "dmesg", "grep", "ls"):
             (rootfs / "bin" / applet).symlink_to("busybox")
         config = VMConfig.from_share_dir(memory_mb=256)
         image = json.loads((share_dir_path() / "image.json").read_text())
@@ -118,15 +118,26 @@ def report(mode: CloneRAM, guests: list[Guest]) -> None:
     print(f"\n{mode.value}: {len(guests)} clones at once: QEMU exec -> agent ping "
           f"min {min(ready):.3f} median {statistics.median(ready):.3f} max {max(ready):.3f} s; "
           f"state loaded at {loaded} s")
+    # restore_guest gives each clone host entropy and the host's clock, concurrently, right
+    # after the agent answers
+    for g in guests:
+        assert "entropy_added" in g.timeline and "clock_set" in g.timeline, g.timeline
+    print("  ready -> entropy added / clock set: " + ", ".join(
+        f"+{g.timeline['entropy_added'] - g.timeline['ready']:.3f}/+{g.timeline['clock_set'] - g.timeline['ready']:.3f} s"
+        for g in guests))
     for g in guests:
         assert g.vm.pid is not None
         rss, pss = pss_mib(g.vm.pid)
         print(f"  pid {g.vm.pid}: RSS {rss:.0f} MiB, PSS {pss:.0f} MiB")
 
 
-async def run_to_exit(guest: Guest, cid: str, args: list[str]) -> tuple[str, int]:
+async def run_to_exit(guest: Guest, cid: str, args: list[str], *, sysfs: bool = False) -> tuple[str, int]:
     a = guest.agent
-    await a.create(cid, oci_spec(args, readonly_root=True), rootfs_mounts=[Mount("virtiofs", TAG)],
+    spec = oci_spec(args, readonly_root=True)
+    if sysfs:   # the guest's /sys, read-only (the vmgenid driver's directory)
+        spec["mounts"].append({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                               "options": ["nosuid", "noexec", "nodev", "ro"]})
+    await a.create(cid, spec, rootfs_mounts=[Mount("virtiofs", TAG)],
                    readonly=True, stdout=True, stderr=True)
     out, err = a.open_output(cid, "", 1), a.open_output(cid, "", 2)
     try:
@@ -149,17 +160,28 @@ async def test_copy_clones_run_containers(env):
             await devices.add_virtiofs(g.vm, env.rootfs, TAG)
             host_before = time.time()
             out, status = await run_to_exit(g, f"c{i}", ["sh", "-c",
-                                            "cat /proc/sys/kernel/random/boot_id; "
-                                            "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
-                                            "date +%s"])
+                                            "echo boot_id $(cat /proc/sys/kernel/random/boot_id); "
+                                            "echo urandom $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); "
+                                            "echo clock $(date +%s); "
+                                            "echo vmgenid $(ls /sys/bus/acpi/drivers/vmgenid 2>/dev/null | grep :); "
+                                            "echo forks $(dmesg | grep -c 'crng reseeded due to virtual machine fork')"],
+                                            sysfs=True)
             host_after = time.time()
             assert status == 0, out
-            boot_id, rnd, clock = out.split()
+            facts = {k: v for k, _, v in (ln.partition(" ") for ln in out.splitlines())}
+            boot_id, rnd, clock = facts["boot_id"], facts["urandom"], facts["clock"]
             print(f"  clone {i}: virtiofs + container {time.monotonic() - t:.2f} s; boot_id {boot_id}; "
-                  f"urandom {rnd}; guest clock {clock}, host {host_before:.1f}..{host_after:.1f}")
+                  f"urandom {rnd}; guest clock {clock}, host {host_before:.1f}..{host_after:.1f}; "
+                  f"vmgenid {facts.get('vmgenid')!r}, fork reseeds {facts.get('forks')}")
+            assert len(rnd) == 32, out
             assert host_before - 2 <= int(clock) <= host_after + 2
+            # CONFIG_VMGENID: bound to QEMU's device, and the clone's new generation id made the
+            # kernel reseed its CRNG (add_vmfork_randomness logs it)
+            assert facts.get("vmgenid", "").startswith("QEMUVGID:"), out
+            assert int(facts.get("forks") or 0) >= 1, out
             seen.append((boot_id, rnd))
         assert len({r for _, r in seen}) == len(seen), f"clones read the same /dev/urandom bytes: {seen}"
+        assert len({b for b, _ in seen}) == len(seen), f"clones share a boot_id: {seen}"
     finally:
         await asyncio.gather(*(g.stop() for g in guests))
     for g in guests:

@@ -63,6 +63,12 @@ echo "NS $(ls /proc/self/ns | tr '\n' ' ')"
 echo "SECCOMP $(grep '^Seccomp:' /proc/self/status)"
 echo "NPROC $(nproc)"
 echo "MEMTOTAL $(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+# the VM generation id driver (CONFIG_VMGENID): "VMGENID driver <bound ACPI devices>"
+if [ -d /sys/bus/acpi/drivers/vmgenid ]; then
+    echo "VMGENID driver $(cd /sys/bus/acpi/drivers/vmgenid && ls -d *:* 2>/dev/null | tr '\n' ' ')"
+else
+    echo "VMGENID none"
+fi
 case " $(cat /proc/cmdline) " in
 *" spinbox.test=mounts "*)
     # every rootfs-sharing path: virtio-blk disks named by their serial (= fs type), virtiofs, 9p
@@ -175,7 +181,7 @@ def qemu_argv(kernel: Path, initrd: Path, *, machine: str = "q35", append: str,
               mem: str = "256M,slots=2,maxmem=2G", smp: str = "1,maxcpus=4",
               qmp: Path | None = None, virtio_mem: bool = False,
               disks: dict[str, Path] | None = None, virtiofs_socket: Path | None = None,
-              share_9p: Path | None = None) -> list[str]:
+              share_9p: Path | None = None, vmgenid: str | None = None) -> list[str]:
     pci = machine.split(",")[0] != "microvm"
     argv = [QEMU, "-machine", machine, "-accel", "tcg", "-cpu", "max",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -198,6 +204,8 @@ def qemu_argv(kernel: Path, initrd: Path, *, machine: str = "q35", append: str,
     if share_9p is not None:
         argv += ["-fsdev", f"local,id=fs9,path={share_9p},security_model=none,readonly=on",
                  "-device", "virtio-9p-pci,fsdev=fs9,mount_tag=share9p"]
+    if vmgenid is not None:   # a guid or "auto" (ACPI: q35 or microvm with ACPI)
+        argv += ["-device", f"vmgenid,id=vmgenid0,guid={vmgenid}"]
     if virtio_mem:
         argv += ["-object", "memory-backend-ram,id=vmem0,size=1G",
                  "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0"]

@@ -186,6 +186,10 @@ class SystemService:
         _system.set_time(req.unix_ns)
         return cpb.Empty()
 
+    async def AddEntropy(self, req: sypb.AddEntropyRequest) -> cpb.Empty:
+        _system.add_entropy(req.data)
+        return cpb.Empty()
+
     async def SetHostname(self, req: sypb.SetHostnameRequest) -> cpb.Empty:
         socket.sethostname(validate_hostname(req.hostname))
         return cpb.Empty()

@@ -1,17 +1,22 @@
-"""Guest-wide operations: info, time, hostname, CPU and memory onlining."""
+"""Guest-wide operations: info, time, entropy, hostname, CPU and memory onlining."""
 from __future__ import annotations
 
-import ctypes
+import fcntl
 import glob
+import logging
 import os
+import struct
+import time
 
 from .errors import InvalidArgument
 
-CLOCK_REALTIME = 0
+log = logging.getLogger(__name__)
 
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+MAX_ENTROPY_BYTES = 512          # one AddEntropy request (the host sends 64)
+# <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07)
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+RANDOM_DEVICE = "/dev/random"
 
 
 def _read(path: str, default: str = "") -> str:
@@ -55,13 +60,43 @@ def info() -> dict:
 
 
 def set_time(unix_ns: int) -> None:
+    """clock_settime(CLOCK_REALTIME): one syscall (no ctypes, no hwclock: the guest has no RTC
+    worth writing, QEMU's follows the host)."""
     if unix_ns <= 0:
         raise InvalidArgument(f"invalid time {unix_ns}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    ts = _Timespec(unix_ns // 1_000_000_000, unix_ns % 1_000_000_000)
-    if libc.clock_settime(CLOCK_REALTIME, ctypes.byref(ts)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"clock_settime: {os.strerror(err)}")
+    time.clock_settime_ns(time.CLOCK_REALTIME, unix_ns)
+
+
+def check_entropy(data: bytes) -> bytes:
+    if not data:
+        raise InvalidArgument("no entropy bytes")
+    if len(data) > MAX_ENTROPY_BYTES:
+        raise InvalidArgument(f"{len(data)} entropy bytes (at most {MAX_ENTROPY_BYTES})")
+    return data
+
+
+def add_entropy(data: bytes, *, pid1: bool | None = None, device: str = RANDOM_DEVICE) -> bool:
+    """Mix `data` into the kernel's input pool, credited at 8 bits a byte (RNDADDENTROPY), then
+    reseed the CRNG from it at once (RNDRESEEDCRNG): both need CAP_SYS_ADMIN. Only as the VM's
+    init: a vminitd running on a host (tests) must not feed the host's RNG, so it accepts and
+    ignores the bytes. True when the kernel took them."""
+    check_entropy(data)
+    if not (os.getpid() == 1 if pid1 is None else pid1):
+        log.debug(f"add_entropy: {len(data)} bytes ignored (not the VM's init)")
+        return False
+    _feed_kernel(data, device)
+    return True
+
+
+def _feed_kernel(data: bytes, device: str) -> None:
+    # struct rand_pool_info { int entropy_count (bits); int buf_size (bytes); __u32 buf[]; }
+    info = struct.pack("ii", len(data) * 8, len(data)) + data
+    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, info)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
 
 
 def online_cpus(root: str = "/sys/devices/system/cpu") -> dict[str, int]:

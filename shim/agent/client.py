@@ -279,6 +279,18 @@ class AgentClient:
         await self._unary(SVC_SYSTEM, "SetTime", sypb.SetTimeRequest(unix_ns=unix_ns or time.time_ns()),
                           cpb.Empty, timeout)
 
+    async def add_entropy(self, data: bytes, *, timeout: float | None = AGENT_CALL_TIMEOUT_S) -> None:
+        """Give the guest kernel's RNG `data` (1..512 bytes: the guest's bound, vminitd/system.py)
+        and have it reseed. A vminitd that is not the VM's init accepts and ignores it.
+        ValueError, before anything is sent, for an empty or too long `data`."""
+        max_bytes = 512
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"add_entropy: data must be bytes, not {type(data).__name__}")
+        data = bytes(data)
+        if not 1 <= len(data) <= max_bytes:
+            raise ValueError(f"add_entropy: {len(data)} bytes (1..{max_bytes})")
+        await self._unary(SVC_SYSTEM, "AddEntropy", sypb.AddEntropyRequest(data=data), cpb.Empty, timeout)
+
     async def set_hostname(self, hostname: str, *, timeout: float | None = AGENT_CALL_TIMEOUT_S) -> None:
         await self._unary(SVC_SYSTEM, "SetHostname", sypb.SetHostnameRequest(hostname=hostname), cpb.Empty, timeout)
 

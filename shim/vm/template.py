@@ -255,6 +255,9 @@ async def build_template(config: VMConfig, dir: str | os.PathLike[str], *, key: 
         build_vm = Path(vm_dir) if vm_dir is not None else tmp / "vm"
         guest = await boot_guest_for_template(build_vm, config, TemplateArgv(str(ram), share=True), name=name)
         try:
+            # Load vminitd's whole agent first (it imports its servicers lazily after the first
+            # ping): saved half-way, every clone would finish those imports on its first call.
+            await guest.agent.version()
             next_sid = guest.agent.next_stream_id
             await guest.agent.close()
             boot_s = guest.timeline.get("ready", 0.0)

@@ -158,6 +158,26 @@ async def test_bad_ids_are_refused_before_sending(guest):
         await agent.close()
 
 
+async def test_add_entropy_is_bounded_before_sending(guest):
+    from spinbox.api._pb.spinbox.agent.v1 import system_pb2 as sypb
+    got: list[bytes] = []
+
+    async def add_entropy(req, ctx):
+        got.append(req.data)
+        return cpb.Empty()
+    guest.unary(Y, "AddEntropy", add_entropy, sypb.AddEntropyRequest)
+    agent = await connect(guest)
+    try:
+        await agent.add_entropy(b"\x01" * 512)
+        await agent.add_entropy(bytearray(b"ab"))
+        for bad in (b"", b"x" * 513, "text"):
+            with pytest.raises(ValueError):
+                await agent.add_entropy(bad)  # type: ignore[arg-type]
+        assert got == [b"\x01" * 512, b"ab"]      # the refused ones never reached the guest
+    finally:
+        await agent.close()
+
+
 async def test_call_after_connection_loss_is_unavailable(guest):
     agent = await connect(guest)
     try:

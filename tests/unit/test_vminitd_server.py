@@ -110,3 +110,56 @@ def test_vminitd_ends_when_the_agent_cannot_load(tmp_path):
     assert "ready in" in proc.stderr and "the agent failed to load" in proc.stderr, proc.stderr
     assert "NotADirectoryError" in proc.stderr, proc.stderr
     assert not sock.exists()                 # the listener's socket is removed on the way out
+
+
+# ----------------------------------------------------------------------------- System.AddEntropy
+
+async def test_add_entropy_is_validated_and_ignored_outside_a_vm(served, monkeypatch):
+    """Served by the real SystemService: 1..512 bytes, else InvalidArgument; a vminitd that is
+    not PID 1 (this one runs on the test host, maybe as root) never touches the host's RNG."""
+    import ttrpc
+    from spinbox.api._pb.spinbox.agent.v1 import containers_pb2 as cpb
+    from spinbox.api._pb.spinbox.agent.v1 import system_pb2 as sypb
+    from spinbox.vminitd import system as vsystem
+
+    touched: list[object] = []
+    monkeypatch.setattr(vsystem, "_feed_kernel", lambda *a: touched.append(a))
+    srv, built, connect = served
+    client = await connect()
+    await client.add_entropy(b"\x00" * 64)
+    await client.add_entropy(b"\xff" * vsystem.MAX_ENTROPY_BYTES)
+
+    async def raw(data: bytes):
+        return await client._unary("spinbox.agent.v1.System", "AddEntropy", sypb.AddEntropyRequest(data=data),
+                                   cpb.Empty, 10)
+    for bad, match in ((b"", "no entropy"), (b"x" * 513, "513 entropy bytes")):
+        with pytest.raises(ttrpc.InvalidArgument, match=match):
+            await raw(bad)
+    assert touched == []
+
+
+def test_add_entropy_as_pid1_credits_and_reseeds(monkeypatch):
+    """As the VM's init: RNDADDENTROPY with struct rand_pool_info (bits, bytes, data), then
+    RNDRESEEDCRNG, on /dev/random; the fd is closed. (os.open/ioctl faked: the host's RNG is
+    never touched.)"""
+    import struct
+
+    from spinbox.vminitd import errors as verrors
+    from spinbox.vminitd import system as vsystem
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(vsystem.os, "open", lambda path, flags: calls.append(("open", path)) or 99)
+    monkeypatch.setattr(vsystem.os, "close", lambda fd: calls.append(("close", fd)))
+    monkeypatch.setattr(vsystem.fcntl, "ioctl", lambda fd, req, *arg: calls.append(("ioctl", fd, req, *arg)))
+    data = bytes(range(64))
+    assert vsystem.add_entropy(data, pid1=True) is True
+    assert calls == [("open", "/dev/random"),
+                     ("ioctl", 99, vsystem.RNDADDENTROPY, struct.pack("ii", 512, 64) + data),
+                     ("ioctl", 99, vsystem.RNDRESEEDCRNG),
+                     ("close", 99)]
+    assert (vsystem.RNDADDENTROPY, vsystem.RNDRESEEDCRNG) == (0x40085203, 0x5207)
+    calls.clear()
+    assert vsystem.add_entropy(data, pid1=False) is False and calls == []
+    with pytest.raises(verrors.InvalidArgument):
+        vsystem.add_entropy(b"", pid1=True)
+    assert calls == []

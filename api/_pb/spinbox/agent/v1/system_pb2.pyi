@@ -39,6 +39,12 @@ class SetTimeRequest(_message.Message):
     unix_ns: int
     def __init__(self, unix_ns: _Optional[int] = ...) -> None: ...
 
+class AddEntropyRequest(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
 class SetHostnameRequest(_message.Message):
     __slots__ = ("hostname",)
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
