@@ -184,7 +184,7 @@ def _is_template_file(rel: str) -> bool:
     """Under templates/ (the suite's template dirs too), except a build in progress (`.b-*`):
     none may be left once every `ctr run` returned."""
     parts = rel.split("/")
-    return parts[0] == "templates" and not any(p.startswith((".b-", ".vm-")) for p in parts)
+    return parts[0].startswith("templates") and not any(p.startswith((".b-", ".vm-")) for p in parts)
 
 
 def _default_state_entries() -> set[str]:
@@ -405,7 +405,7 @@ def test_five_containers_at_once(env):
 # own through runtime options, so it sees the cache from empty
 
 def _template_opts(env: Env, name: str) -> tuple[list[str], Path]:
-    tdir = env.state_dir / "templates" / f"t-{name}"
+    tdir = env.state_dir / f"templates-{name}"          # beside the suite's default cache, not in it
     opts = env.work / f"tpl-{name}.json"
     opts.write_text(json.dumps({"paths": {"template_dir": str(tdir)}, "runtime": {"start": "template"}}))
     return ["--runtime-config-path", str(opts)], tdir
@@ -440,7 +440,7 @@ def test_sandboxes_started_at_once_build_one_template_and_are_distinct_machines(
         outs.append((boot_id, rnd, int(clock)))
     built = _log_lines(env, f"vm template {tdir}/")
     assert len([ln for ln in built if " built in " in ln]) == 1, _log_lines(env, "template")[-10:]
-    assert len(_template_dirs(tdir)) == 1
+    assert len(_template_dirs(tdir)) == 1, _log_lines(env, "template")[-10:]
     for id in ids:
         assert _log_lines(env, f"timeline {id}: ") and " sandbox=template:+" in _log_lines(env, f"timeline {id}: ")[0]
     assert len({b for b, _, _ in outs}) == 3, outs          # boot ids differ

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 KEEP = 4                    # VM shapes kept (runtime options may ask for several)
 LOCK_TIMEOUT_S = 120.0      # waiting for another shim's build (a build takes a few seconds)
 LOCK_FILE = ".lock"
+KEY_CHARS = 12              # a template dir's name: the first characters of its key
+_KEY_NAME = re.compile(f"[0-9a-f]{{{KEY_CHARS}}}")
 BUILDER_VM_PREFIX = ".vm-"  # the builder VM's state dir (vm.json: what to kill if it was left)
 
 
@@ -66,7 +69,7 @@ class TemplateCache:
         return template_key(config, resolved, qemu_version(config.qemu_binary), image_hash)
 
     def dir_for(self, key: str) -> Path:
-        return self.root / key[:12]           # short: builder VM sockets live below it
+        return self.root / key[:KEY_CHARS]     # short: builder VM sockets live below it
 
     # --- the lock --------------------------------------------------------------------------
 
@@ -156,9 +159,10 @@ class TemplateCache:
         return t
 
     def templates(self) -> list[Path]:
+        """The template dirs here (named by their key): nothing else in the root is touched."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and _KEY_NAME.fullmatch(p.name))
 
     def _prune(self, keep: Path) -> None:
         def used(p: Path) -> float:

@@ -37,11 +37,12 @@ def test_a_corrupt_template_is_refused_once_and_removed(tmp_path):
 
 def test_prune_keeps_the_most_recently_used(tmp_path):
     cache = TemplateCache(tmp_path, keep=2)
-    old = _fake_template(tmp_path, "old", 300)
-    mid = _fake_template(tmp_path, "mid", 100)
-    new = _fake_template(tmp_path, "new", 0)
+    old = _fake_template(tmp_path, "0000000000aa", 300)
+    mid = _fake_template(tmp_path, "0000000000bb", 100)
+    new = _fake_template(tmp_path, "0000000000cc", 0)
+    other = _fake_template(tmp_path, "not-a-template", 900)     # someone else's dir: never touched
     cache._prune(keep=new)
-    assert new.exists() and mid.exists() and not old.exists()
+    assert new.exists() and mid.exists() and not old.exists() and other.exists()
     assert cache.templates() == [mid, new]
 
 
@@ -49,9 +50,9 @@ def test_leftover_builds_are_removed(tmp_path):
     cache = TemplateCache(tmp_path)
     (tmp_path / ".b-abc-123456").mkdir()
     (tmp_path / ".vm-4242").mkdir()                     # a builder VM dir without vm.json
-    keep = _fake_template(tmp_path, "abc", 0)
+    keep = _fake_template(tmp_path, "0123456789ab", 0)
     cache._remove_dead_builds()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc"] and keep.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0123456789ab"] and keep.exists()
 
 
 async def test_the_lock_is_host_wide_and_bounded(tmp_path):
