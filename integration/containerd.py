@@ -28,6 +28,7 @@ from pathlib import Path
 CONTAINERD = "containerd"
 CTR = "ctr"
 # Fixed paths used by ctr (stdio FIFOs) and the runc shim regardless of the configured state dir.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 RUN_DIRS = ("/run/containerd/fifo", "/run/containerd/runc", "/run/containerd/s", "/run/containerd")
 
 
@@ -97,6 +98,9 @@ class Containerd:
         self.extra_config = extra_config     # TOML appended to the generated config
         self.proc: subprocess.Popen | None = None
         self._preexisting_run_dirs = {d for d in RUN_DIRS if os.path.exists(d)}
+        # runc puts a namespace's containers in cgroups /<namespace>/<id>: the leaves go with
+        # each container, the namespace's own dir in every hierarchy is ours to remove
+        self._preexisting_cgroups = set(namespace_cgroups(CGROUP_ROOT, namespace))
         self._log_file = None
 
     # -- construction -----------------------------------------------------------------------
@@ -261,6 +265,30 @@ class Containerd:
         self._unmount_ours()
         shutil.rmtree(self.base, ignore_errors=True)
         self._remove_run_dirs()
+        remove_cgroups(set(namespace_cgroups(CGROUP_ROOT, self.namespace)) - self._preexisting_cgroups)
+
+
+def namespace_cgroups(root: Path, namespace: str) -> list[Path]:
+    """`<hierarchy>/<namespace>` cgroup dirs (v1: one per mounted hierarchy; v2: the root)."""
+    if not root.is_dir():
+        return []
+    bases = [root] + [h for h in root.iterdir() if h.is_dir() and not h.is_symlink()]
+    return [b / namespace for b in bases if (b / namespace).is_dir()]
+
+
+def remove_cgroups(dirs: set[Path]) -> list[Path]:
+    """rmdir each cgroup dir and its (empty) children, deepest first; a cgroup that still has
+    processes is kept. Returns what is left."""
+    left = []
+    for top in dirs:
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True) + [top]:
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(d)
+    return left
 
 
 def _proc_state(pid: int) -> str:
