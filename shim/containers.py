@@ -35,6 +35,7 @@ from .errors import (AlreadyExists, FailedPrecondition, GuestProtocolError, Host
 from .exits import ExitSequencer, GuestEventFollower, TaskEvents, drain_output, guest_exit
 from .process import Container, ExitInfo, Process, StdioPaths
 from .sandbox import Sandbox
+from .states import ProcessState
 from .state import State
 from .stdio import AgentInput, AgentOutput, ProcessIO
 from .timeline import Timelines
@@ -287,7 +288,7 @@ class ContainerManager:
     async def delete(self, c: Container, p: Process) -> ExitInfo:
         async with self.lock(c.id):
             p.check("delete")
-            if c.sequencer is not None and not p.exited and not p.allows("kill"):
+            if c.sequencer is not None and p.state == ProcessState.EXIT_PENDING:
                 await c.sequencer.flush()          # its exit arrived: report it first
             if p.exec_id:
                 return await self._delete_exec(c, p)

@@ -33,7 +33,7 @@ from .vm import accel as accel_mod
 from .vm.config import VMConfig
 from .vm.machine import kill_from_state
 from .vm.qemu_args import Resolved
-from .vm.template import (BUILDING_PREFIX, MANIFEST, Template, build_template, qemu_version, remove_template,
+from .vm.template import (BUILDING_PREFIX, MANIFEST, Template, build_template, qemu_identity, remove_template,
                           template_key, template_problem)
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class TemplateCache:
                             accel_mod.select_transport(config.transport).value)
         if resolved.transport != "virtio-serial":
             raise TemplateUnusable("templates need the virtio-serial transport (a vsock CID is per VM)")
-        return template_key(config, resolved, qemu_version(config.qemu_binary), image_hash)
+        return template_key(config, resolved, qemu_identity(config.qemu_binary), image_hash)
 
     def dir_for(self, key: str) -> Path:
         return self.root / key[:KEY_CHARS]     # short: builder VM sockets live below it

@@ -32,7 +32,7 @@ from spinbox.api.contract import AGENT_CALL_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 from .errors import AgentProtocolError, AgentUnavailable
 from .records import (STATUS_NAMES, AgentEvent, CpuOnline, ExitStatus, GuestInfo, GuestVersion,
                       MemoryOnline, Mount, ProcessInfo, ProcessState, Stats)
-from .streams import DEFAULT_OUTPUT_WINDOW, MAX_WINDOW, InputStream, OutputStream
+from .streams import DEFAULT_OUTPUT_WINDOW, InputStream, OutputStream
 from .transport import (SVC_CONTAINERS, SVC_EVENTS, SVC_NETWORK, SVC_SYSTEM, Address, Channel,
                         describe)
 from .validate import (as_json, check_exit_status, check_guest_id, check_link_name, check_pid,
@@ -336,11 +336,7 @@ class AgentClient:
                     window: int = DEFAULT_OUTPUT_WINDOW) -> OutputStream:
         check_request_id(id, "container id")
         check_request_id(exec_id, "exec id", allow_empty=True)
-        if fd not in (1, 2):
-            raise ValueError(f"output fd must be 1 (stdout) or 2 (stderr), not {fd}")
-        if not 1 <= window <= MAX_WINDOW:
-            raise ValueError(f"output window {window} outside 1..{MAX_WINDOW}")
-        return OutputStream(self, id, exec_id, fd, offset, window)
+        return OutputStream(self, id, exec_id, fd, offset, window)   # the session checks fd and window
 
     def open_input(self, id: str, exec_id: str = "") -> InputStream:
         check_request_id(id, "container id")
