@@ -29,6 +29,7 @@ Imported by vminitd in the guest image: stdlib, ttrpc.flow and the generated std
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, Union
 
@@ -39,9 +40,12 @@ log = logging.getLogger(__name__)
 
 MAX_WINDOW = 16 << 20             # largest window either side grants or accepts
 MAX_CHUNK = 1 << 20               # largest output data message the host accepts
-OUTPUT_CAPACITY = 1 << 20         # guest: unacknowledged output kept per stream
-OUTPUT_CHUNK = 256 << 10          # guest: largest output message (fewer, larger: TCG-bound guest)
-DEFAULT_OUTPUT_WINDOW = 1 << 20   # host: guest bytes in flight per output stream
+# Output moves in few, large messages: under TCG every message costs the guest milliseconds of
+# Python, whatever its size. The host acks every quarter window (1 MiB), so a sender waiting
+# for credit gets 1 MiB at once; the guest holds at most 2 MiB unacknowledged per stream.
+OUTPUT_CAPACITY = 2 << 20         # guest: unacknowledged output kept per stream
+OUTPUT_CHUNK = 1 << 20            # guest: largest output message, and largest pipe read
+DEFAULT_OUTPUT_WINDOW = 4 << 20   # host: guest bytes in flight per output stream
 INPUT_WINDOW = 256 << 10          # guest: stdin bytes the host may have in flight
 INPUT_CHUNK = 64 << 10            # host: largest stdin data message
 
@@ -115,28 +119,51 @@ def _quarter(window: int) -> int:
 
 class OutputBuffer:
     """A process's output in the guest: every byte the host has not acknowledged, up to
-    `capacity` (the reader stops at `room == 0`: back-pressure on the process)."""
+    `capacity` (the reader stops at `room == 0`: back-pressure on the process).
+
+    Kept as the chunks the reads returned, never joined or shifted: under TCG emulation every
+    pass over the bytes costs (guest memory bandwidth is what stdio throughput is made of), so a
+    big read is kept as it came and sent as views of it (`views`). Small reads go into a
+    bytearray tail of at most TAIL_MAX, so a process writing a byte at a time costs bytes, not
+    an object per byte."""
+
+    DIRECT = 8 << 10         # reads at least this big are kept as they came
+    TAIL_MAX = 64 << 10      # small reads are gathered into bytearrays of up to this
 
     def __init__(self, capacity: int = OUTPUT_CAPACITY) -> None:
         self.capacity = capacity
         self.acked = 0              # the host has consumed everything before this offset
-        self._buf = bytearray()     # bytes [acked, produced)
+        self._chunks: deque[bytes | bytearray] = deque()   # bytes [acked - _skip, produced)
+        self._skip = 0              # bytes of _chunks[0] already acknowledged
+        self._size = 0              # unacknowledged bytes held
+        self._tail: bytearray | None = None   # the last chunk, while small reads still extend it
         self.eof = False            # the process side reached EOF
         self.eof_acked = False      # the host acknowledged our EOF message: final
         self.generation = 0         # bumps when a new host session takes over
 
     @property
     def produced(self) -> int:
-        return self.acked + len(self._buf)
+        return self.acked + self._size
 
     @property
     def room(self) -> int:
-        return self.capacity - len(self._buf)
+        return self.capacity - self._size
 
     def append(self, data: bytes) -> None:
         if self.eof:
             raise ValueError("output appended after EOF")
-        self._buf += data
+        n = len(data)
+        if not n:
+            return
+        if n >= self.DIRECT:
+            self._chunks.append(bytes(data))    # bytes(b) is b itself: no copy
+            self._tail = None
+        else:
+            if self._tail is None or len(self._tail) + n > self.TAIL_MAX:
+                self._tail = bytearray()
+                self._chunks.append(self._tail)
+            self._tail += data
+        self._size += n
 
     def finish(self) -> None:
         self.eof = True
@@ -145,15 +172,84 @@ class OutputBuffer:
         if offset < self.acked or offset > self.produced:
             raise StdioProtocolError(f"output ack at offset {offset} outside [{self.acked}, {self.produced}]",
                                      data_loss=offset < self.acked)
-        del self._buf[: offset - self.acked]
+        drop = offset - self.acked
         self.acked = offset
+        self._size -= drop
+        while drop:
+            left = len(self._chunks[0]) - self._skip
+            if drop < left:
+                self._skip += drop
+                break
+            drop -= left
+            if self._chunks.popleft() is self._tail:
+                self._tail = None
+            self._skip = 0
+
+    def views(self, offset: int, size: int) -> list[bytes | memoryview]:
+        """The bytes [offset, offset + size) as pieces: views of the chunks read, copies of
+        the (small) tail, which later reads may still extend."""
+        pos = offset - self.acked + self._skip
+        out: list[bytes | memoryview] = []
+        for chunk in self._chunks:
+            if size <= 0:
+                break
+            if pos >= len(chunk):
+                pos -= len(chunk)
+                continue
+            piece = chunk[pos:pos + size] if isinstance(chunk, bytearray) else memoryview(chunk)[pos:pos + size]
+            out.append(bytes(piece) if isinstance(piece, bytearray) else piece)
+            size -= len(piece)
+            pos = 0
+        return out
 
     def read(self, offset: int, size: int) -> bytes:
-        start = offset - self.acked
-        return bytes(self._buf[start:start + size])
+        return b"".join(self.views(offset, size))
 
     def mark_eof_acked(self) -> None:
         self.eof_acked = True
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class OutputChunk:
+    """One OutputServer message as the guest sends it: the data as views of the buffer, and
+    `encode()` the protobuf wire form in pieces, so the bytes are never joined on the way
+    (`to_proto()` / `data` join them, for tests and slow paths)."""
+
+    __slots__ = ("offset", "pieces", "eof")
+
+    def __init__(self, offset: int, pieces: list[bytes | memoryview], eof: bool = False) -> None:
+        self.offset = offset
+        self.pieces = pieces
+        self.eof = eof
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.pieces)
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.pieces)
+
+    def to_proto(self) -> spb.OutputServer:
+        return spb.OutputServer(offset=self.offset, data=self.data, eof=self.eof)
+
+    def encode(self) -> list[bytes | memoryview]:
+        # stdio.proto OutputServer: offset = 1 (varint), data = 2 (bytes), eof = 3 (bool)
+        head = b"\x08" + _varint(self.offset) if self.offset else b""
+        n = len(self)
+        if n:
+            return [head + b"\x12" + _varint(n), *self.pieces]
+        return [head + (b"\x18\x01" if self.eof else b"")]
+
+    def __repr__(self) -> str:
+        return f"OutputChunk(offset={self.offset}, {len(self)} bytes, eof={self.eof})"
 
 
 class OutputSender:
@@ -204,17 +300,17 @@ class OutputSender:
         self._credit.update(ack.offset, window)
         return [Acked(ack.offset, window)]
 
-    def next_message(self) -> spb.OutputServer | None:
+    def next_message(self) -> OutputChunk | None:
         if self.done:
             return None
         n = min(self.buffer.produced - self.sent, self._credit.available, self.chunk)
         if n > 0:
-            msg = spb.OutputServer(offset=self.sent, data=self.buffer.read(self.sent, n))
+            msg = OutputChunk(self.sent, self.buffer.views(self.sent, n))
             self._credit.spend(n)
             return msg
         if self.buffer.eof and self.sent == self.buffer.produced and not self._eof_sent:
             self._eof_sent = True
-            return spb.OutputServer(offset=self.sent, eof=True)
+            return OutputChunk(self.sent, [], eof=True)
         return None
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ pr
                          OutOfRange, PermissionDenied, ResourceExhausted, TTRPCError,
                          Unauthenticated, Unavailable, Unimplemented, Unknown, code_for_exception,
                          error_from_status, status_from_exception)
-    from .stream import ClientStream, ServerStream, StreamBuffer
+    from .stream import ClientStream, Encoded, ServerStream, StreamBuffer
 
 # submodule -> the public names it defines (keep in step with the TYPE_CHECKING imports and
 # __all__; tests/unit/test_ttrpc_lazy_import.py checks that the three agree)
@@ -39,7 +39,7 @@ _MODULE_EXPORTS: dict[str, tuple[str, ...]] = {
                "OutOfRange", "PermissionDenied", "ResourceExhausted", "TTRPCError",
                "Unauthenticated", "Unavailable", "Unimplemented", "Unknown", "code_for_exception",
                "error_from_status", "status_from_exception"),
-    "stream": ("ClientStream", "ServerStream", "StreamBuffer"),
+    "stream": ("ClientStream", "Encoded", "ServerStream", "StreamBuffer"),
 }
 _EXPORTS = {name: module for module, names in _MODULE_EXPORTS.items() for name in names}
 # The eager __init__ imported these, so `import ttrpc; ttrpc.status.X` worked: it still does.
@@ -47,7 +47,7 @@ _SUBMODULES = frozenset(_MODULE_EXPORTS) | {"channel", "request_pb2"}
 
 __all__ = [
     "Aborted", "AlreadyExists", "CallContext", "Cancelled", "Client", "ClientStream", "Code",
-    "ConnectionClosed", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "Flags",
+    "ConnectionClosed", "DataLoss", "DeadlineExceeded", "Encoded", "FailedPrecondition", "Flags",
     "FlowControlError", "Frame", "FrameDecoder", "Internal", "InvalidArgument", "Kind", "MAX_DATA",
     "MessageType", "Metadata", "Method", "NotFound", "OutOfRange", "Oversized", "OversizedMessage",
     "PeerCredentials", "PermissionDenied", "ReceiveWindow", "ResourceExhausted", "SendCredit",

@@ -10,12 +10,19 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 
-from .frame import HEADER, MAX_DATA, Frame, FrameDecoder, OversizedMessage, Oversized
+from .fdwriter import FdWriteTransport
+from .frame import HEADER, MAX_DATA, Frame, FrameDecoder, OversizedMessage, Oversized, Payload
 from .status import ConnectionClosed
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
+
+
+def _length(data: Payload) -> int:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return len(data)
+    return sum(len(piece) for piece in data)
 
 
 class ProtocolError(Exception):
@@ -32,7 +39,8 @@ class Channel:
         self.lock = asyncio.Lock()  # one frame at a time on the wire
         self.closed = False
 
-    async def send(self, stream_id: int, type: int, flags: int = 0, data: bytes = b"") -> None:
+    async def send(self, stream_id: int, type: int, flags: int = 0, data: Payload = b"") -> None:
+        """`data` is one buffer, or pieces written one after another (never joined here)."""
         self._check(data)
         async with self.lock:
             self._write(stream_id, type, flags, data)
@@ -50,19 +58,25 @@ class Channel:
             await self._drain()
         return stream_id
 
-    def _check(self, data: bytes) -> None:
-        if len(data) > self.max_data:
+    def _check(self, data: Payload) -> None:
+        n = _length(data)
+        if n > self.max_data:
             raise OversizedMessage(
-                f"message length {len(data)} exceed maximum message size of {self.max_data}")
+                f"message length {n} exceed maximum message size of {self.max_data}")
         if self.closed:
             raise ConnectionClosed("ttrpc: connection closed")
 
-    def _write(self, stream_id: int, type: int, flags: int, data: bytes) -> None:
-        # Both writes happen without an await in between: a frame is never interleaved.
+    def _write(self, stream_id: int, type: int, flags: int, data: Payload) -> None:
+        # All writes happen without an await in between: a frame is never interleaved.
         try:
-            self.writer.write(HEADER.pack(len(data), stream_id, type, flags))
-            if data:
-                self.writer.write(data)
+            self.writer.write(HEADER.pack(_length(data), stream_id, type, flags))
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                if data:
+                    self.writer.write(data)
+            else:
+                for piece in data:
+                    if piece:
+                        self.writer.write(piece)
         except (OSError, RuntimeError) as exc:
             self.closed = True
             raise ConnectionClosed(f"ttrpc: write failed: {exc}") from exc
@@ -133,13 +147,11 @@ async def open_fd_streams(fd: int) -> tuple[asyncio.StreamReader, asyncio.Stream
         rpipe = os.fdopen(rfd, "rb", buffering=0)
         rfd = -1
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), rpipe)
-        wpipe = os.fdopen(wfd, "wb", buffering=0)
+        # Our own write transport: asyncio's pipe transport memmoves its buffer on every
+        # short write (see fdwriter.py).
+        protocol = _FdWriteProtocol()
+        transport = FdWriteTransport(loop, wfd, protocol)
         wfd = -1
-        try:
-            transport, protocol = await loop.connect_write_pipe(_FdWriteProtocol, wpipe)
-        except BaseException:
-            wpipe.close()
-            raise
     except BaseException:
         for leftover in (rfd, wfd):
             if leftover >= 0:

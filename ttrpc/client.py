@@ -12,13 +12,13 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 
 from .channel import Channel, ProtocolError, open_fd_streams
-from .frame import MAX_DATA, Flags, Frame, MessageType, Oversized
+from .frame import MAX_DATA, Flags, Frame, MessageType, Oversized, Payload
 from .metadata import Metadata, MetadataLike
 from .request_pb2 import Request, Response
 from .services import message_class
 from .status import (Code, ConnectionClosed, DeadlineExceeded, Internal, ResourceExhausted,
                      TTRPCError, error_from_status_proto)
-from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_MESSAGES, ClientStream, StreamBuffer
+from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_MESSAGES, ClientStream, SendFrame, StreamBuffer
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +272,8 @@ class Client:
             raise
         return holder[0]
 
-    def _stream_sender(self, sid: int) -> Callable[[int, int, bytes], Awaitable[None]]:
-        async def send(type: int, flags: int, data: bytes) -> None:
+    def _stream_sender(self, sid: int) -> SendFrame:
+        async def send(type: int, flags: int, data: Payload) -> None:
             if self._closed_error is not None:
                 raise self._closed_error
             await self._channel.send(sid, type, flags, data)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Union
 
 from .status import ResourceExhausted
 
 HEADER = struct.Struct(">IIBB")
 HEADER_SIZE = HEADER.size  # 10
 MAX_DATA = 4 << 20  # messageLengthMax in channel.go
+
+# What a frame's data may be given as: one buffer, or pieces the channel writes in order.
+Payload = Union[bytes, Sequence[Union[bytes, memoryview]]]
 
 
 class MessageType(enum.IntEnum):

@@ -15,19 +15,18 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from google.rpc import status_pb2
 
 from .channel import Channel, ProtocolError, open_fd_streams
-from .frame import MAX_DATA, Flags, Frame, MessageType, Oversized
+from .frame import MAX_DATA, Flags, Frame, MessageType, Oversized, Payload
 from .metadata import CallContext, Metadata
 from .request_pb2 import Request, Response
 from .services import Handler, Method, ServiceRegistry
 from .status import (Code, DeadlineExceeded, InvalidArgument, ResourceExhausted, TTRPCError,
                      status_from_exception)
-from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_MESSAGES, ServerStream, StreamBuffer
+from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_MESSAGES, SendFrame, ServerStream, StreamBuffer
 
 if TYPE_CHECKING:
     from google.protobuf import descriptor as _descriptor
@@ -283,8 +282,8 @@ class ServerConnection:
             if self.calls.get(sid) is call:
                 del self.calls[sid]
 
-    def _stream_sender(self, sid: int) -> Callable[[int, int, bytes], Awaitable[None]]:
-        async def send(type: int, flags: int, data: bytes) -> None:
+    def _stream_sender(self, sid: int) -> SendFrame:
+        async def send(type: int, flags: int, data: Payload) -> None:
             await self.channel.send(sid, type, flags, data)
         return send
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from google.protobuf import message as _message
 
-from .frame import Flags, MessageType
+from .frame import Flags, MessageType, Payload
 from .request_pb2 import Response
 from .status import (Code, DeadlineExceeded, FailedPrecondition, Internal, ResourceExhausted,
                      TTRPCError, error_from_status_proto)
@@ -33,7 +33,18 @@ M = TypeVar("M", bound=_message.Message)
 DEFAULT_BUFFER_MESSAGES = 64  # Go's streamRecvBufferSize
 DEFAULT_BUFFER_BYTES = 8 << 20  # at least one max-size frame plus room
 
-SendFrame = Callable[[int, int, bytes], Awaitable[None]]  # (type, flags, data) on this stream
+SendFrame = Callable[[int, int, Payload], Awaitable[None]]  # (type, flags, data) on this stream
+
+
+class Encoded:
+    """A message already in protobuf wire form, as pieces the channel writes one after another
+    without joining them (a streaming server sends views of its own buffers this way; see
+    spinbox's stdio output in the guest, where every copy of the bytes costs)."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: Sequence[bytes | memoryview]) -> None:
+        self.pieces = pieces
 
 
 class StreamBuffer:
@@ -142,11 +153,12 @@ class ServerStream:
             raise StopAsyncIteration
         return msg
 
-    async def send(self, msg: _message.Message) -> None:
+    async def send(self, msg: _message.Message | Encoded) -> None:
         if not self.method.server_streaming:
             raise FailedPrecondition(f"ttrpc: {self.method.full_name} is not server-streaming; "
                                      f"return the response instead")
-        await self._send_frame(MessageType.DATA, 0, msg.SerializeToString())
+        data = msg.pieces if isinstance(msg, Encoded) else msg.SerializeToString()
+        await self._send_frame(MessageType.DATA, 0, data)
 
 
 class ClientStream(Generic[M]):

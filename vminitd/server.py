@@ -72,10 +72,10 @@ def _server_streaming(fn):
 
 
 def _bidi(fn):
+    # fn(requests, send): it sends as it goes (see StdioService)
     async def handler(stream, ctx):
         try:
-            async for msg in fn(_incoming(stream)):
-                await stream.send(msg)
+            await fn(_incoming(stream), stream.send)
         except AgentError as e:
             raise _ttrpc_error(e) from None
     return handler

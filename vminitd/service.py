@@ -10,9 +10,12 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from ttrpc.stream import Encoded
 
 from spinbox.api import contract
+from spinbox.api.stdio_session import OutputChunk
 from spinbox.api._pb.spinbox.agent.v1 import containers_pb2 as cpb
 from spinbox.api._pb.spinbox.agent.v1 import events_pb2 as epb
 from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
@@ -92,10 +95,15 @@ class ContainersService:
 
 
 class StdioService:
+    """The two bidirectional stdio streams. Each method gets the host's messages and the
+    stream's `send`, and runs one session (vminitd/stdio.py) that sends as it goes: no queue
+    or task between the session and the wire (each costs per message under TCG)."""
+
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    async def Output(self, requests: AsyncIterator[spb.OutputClient]) -> AsyncIterator[spb.OutputServer]:
+    async def Output(self, requests: AsyncIterator[spb.OutputClient],
+                     send: Callable[[Encoded], Awaitable[None]]) -> None:
         first = await anext(requests, None)
         if first is None or first.WhichOneof("msg") != "open":
             raise InvalidArgument("Output stream must start with an open message")
@@ -103,7 +111,6 @@ class StdioService:
         if o.fd not in (spb.STDOUT, spb.STDERR):
             raise InvalidArgument("Output stream fd must be STDOUT or STDERR")
         buf = self.agent.output(o.id, o.exec_id, int(o.fd))
-        out: asyncio.Queue[spb.OutputServer] = asyncio.Queue(maxsize=4)
 
         async def acks() -> AsyncIterator[spb.OutputAck]:
             async for m in requests:
@@ -111,20 +118,18 @@ class StdioService:
                     raise InvalidArgument("only ack messages may follow open on an Output stream")
                 yield m.ack          # windows are clamped by the session itself
 
-        session = asyncio.ensure_future(serve_output(buf, o.offset, o.window, acks(), out.put))
-        try:
-            async for msg in _drain(out, session):
-                yield msg
-        finally:
-            if not session.done():
-                session.cancel()
+        async def send_chunk(chunk: OutputChunk) -> None:
+            # in wire-form pieces: views of the output buffer, never joined (stdio_session)
+            await send(Encoded(chunk.encode()))
 
-    async def Input(self, requests: AsyncIterator[spb.InputClient]) -> AsyncIterator[spb.InputServer]:
+        await serve_output(buf, o.offset, o.window, acks(), send_chunk)
+
+    async def Input(self, requests: AsyncIterator[spb.InputClient],
+                    send: Callable[[spb.InputServer], Awaitable[None]]) -> None:
         first = await anext(requests, None)
         if first is None or first.WhichOneof("msg") != "open":
             raise InvalidArgument("Input stream must start with an open message")
         sink = self.agent.input(first.open.id, first.open.exec_id)
-        out: asyncio.Queue[spb.InputServer] = asyncio.Queue(maxsize=16)
 
         async def data() -> AsyncIterator[spb.InputData]:
             async for m in requests:
@@ -132,27 +137,7 @@ class StdioService:
                     raise InvalidArgument("only data messages may follow open on an Input stream")
                 yield m.data
 
-        session = asyncio.ensure_future(serve_input(sink, data(), out.put))
-        try:
-            async for msg in _drain(out, session):
-                yield msg
-        finally:
-            if not session.done():
-                session.cancel()
-
-
-async def _drain(out: asyncio.Queue, session: asyncio.Future) -> AsyncIterator:
-    """Yield what the session queues until it finishes (then re-raise its error, if any)."""
-    while True:
-        if out.empty() and session.done():
-            session.result()
-            return
-        getter = asyncio.ensure_future(out.get())
-        await asyncio.wait([getter, session], return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            yield getter.result()
-        else:
-            getter.cancel()
+        await serve_input(sink, data(), send)
 
 
 class EventsService:

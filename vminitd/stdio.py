@@ -142,7 +142,7 @@ async def pump_output(fd: int, buf: OutputBuffer) -> None:
 
 async def serve_output(buf: OutputBuffer, offset: int, window: int,
                        acks: AsyncIterator[session.AckMessage],
-                       send: Callable[[spb.OutputServer], Awaitable[None]]) -> bool:
+                       send: Callable[[session.OutputChunk], Awaitable[None]]) -> bool:
     """One host session on an output buffer. Returns True when the EOF was acknowledged,
     False when the session ended otherwise (host closed, or a newer session took over)."""
     with _host_errors():

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 
 import pytest
-from hypothesis import settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from spinbox.api import stdio_session as s
@@ -310,8 +310,8 @@ def test_output_eof_is_final_only_once_acked() -> None:
     tx = s.OutputSender(buf, 0, 10)
     with pytest.raises(s.StdioProtocolError, match="before the EOF was sent"):
         tx.receive(spb.OutputAck(offset=2, window=10, eof=True))
-    assert tx.next_message() == spb.OutputServer(offset=0, data=b"ab")
-    assert tx.next_message() == spb.OutputServer(offset=2, eof=True)
+    assert tx.next_message().to_proto() == spb.OutputServer(offset=0, data=b"ab")
+    assert tx.next_message().to_proto() == spb.OutputServer(offset=2, eof=True)
     assert tx.next_message() is None and not buf.eof_acked
     assert tx.receive(spb.OutputAck(offset=2, window=10, eof=True)) == [s.EofAcked(2)]
     assert buf.eof_acked and tx.done
@@ -357,3 +357,44 @@ def test_a_broken_stdin_drops_data_but_keeps_granting() -> None:
     assert rx.next_message() == spb.InputServer(offset=4, window=4)
     buf.accept(spb.InputData(offset=4, data=b"efgh"))
     assert buf.pending == 0 and rx.next_message() == spb.InputServer(offset=8, window=4)
+
+
+# --- the guest's buffer keeps reads as they came; messages go out in wire-form pieces ------
+
+@given(st.lists(st.binary(min_size=0, max_size=20_000), max_size=12),
+       st.lists(st.integers(0, 30_000), max_size=12), st.integers(0, 2 ** 40))
+def test_output_buffer_views_and_acks_match_a_flat_copy(reads, acks, base) -> None:
+    buf = s.OutputBuffer(capacity=1 << 30)
+    flat = bytearray()
+    for i, data in enumerate(reads):
+        buf.append(data)
+        flat += data
+        if i < len(acks):
+            to = min(buf.acked + acks[i], buf.produced)
+            buf.ack(to)
+        assert buf.read(buf.acked, buf.produced - buf.acked) == bytes(flat[buf.acked:])
+        assert buf.room == buf.capacity - (buf.produced - buf.acked)
+        # any window of what is held, in pieces that join to the same bytes
+        mid = (buf.acked + buf.produced) // 2
+        assert b"".join(buf.views(mid, 7_000)) == bytes(flat[mid:mid + 7_000])
+        chunk = s.OutputChunk(base + mid, buf.views(mid, 7_000))
+        assert spb.OutputServer.FromString(b"".join(chunk.encode())) == chunk.to_proto()
+
+
+def test_output_buffer_gathers_small_reads_and_keeps_big_ones_as_they_came() -> None:
+    buf = s.OutputBuffer(capacity=1 << 20)
+    big = b"b" * (64 << 10)
+    for _ in range(5000):
+        buf.append(b"x")
+    buf.append(big)
+    assert len(buf._chunks) == 2                   # 5000 one-byte reads: one bytearray
+    views = buf.views(5000, len(big))
+    assert len(views) == 1 and views[0].obj is big  # a view of the read itself: no copy
+    buf.append(b"y")                               # the tail may grow: what was sent is a copy
+    assert buf.read(4999, 2) == b"xb"
+
+
+def test_output_chunk_encodes_eof_and_offset_zero_like_protobuf() -> None:
+    for chunk in (s.OutputChunk(0, [], eof=True), s.OutputChunk(300, [], eof=True),
+                  s.OutputChunk(0, [b"a", memoryview(b"bc")]), s.OutputChunk(2 ** 63, [b"z" * 200])):
+        assert spb.OutputServer.FromString(b"".join(chunk.encode())) == chunk.to_proto()
