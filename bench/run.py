@@ -52,7 +52,7 @@ SECTIONS: dict[str, Callable[[], Section]] = {"ttrpc": section_ttrpc}
 
 def _optional_sections() -> None:
     # Sections that need the guest or containerd register themselves when their module exists.
-    for mod in ("bench.vm", "bench.containerd", "bench.network"):
+    for mod in ("bench.vm", "bench.containerd", "bench.network", "bench.many"):
         try:
             m = __import__(mod, fromlist=["SECTIONS"])
         except ModuleNotFoundError as e:
