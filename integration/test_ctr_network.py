@@ -359,6 +359,19 @@ def test_cri_style_existing_netns_is_plumbed_without_running_cni_again(nenv):
     assert net.leases() == []
 
 
+def test_the_hosts_own_netns_is_refused_and_nothing_is_touched(nenv):
+    """A spec naming the host's network namespace (here the shim's own, /proc/self/ns/net as
+    the shim reads it) would hand every host NIC to the VM: refused before anything is made."""
+    links_before = sorted(link["ifname"] for link in json.loads(sh("ip", "-j", "link")))
+    id = uid("hostns")
+    r = nenv.ctr("run", "--runtime", "io.containerd.spinbox.v1", "--fifo-dir", str(nenv.c.fifo_dir),
+                 "--with-ns", "network:/proc/self/ns/net", nenv.ref, id, "true", check=False)
+    nenv.ctr("containers", "delete", id, check=False)
+    assert r.returncode != 0
+    assert "/proc/self/ns/net" in r.stderr.decode() and "the host's own" in r.stderr.decode(), r.stderr
+    assert sorted(link["ifname"] for link in json.loads(sh("ip", "-j", "link"))) == links_before
+
+
 def test_three_sandboxes_set_up_at_once_get_distinct_addresses(nenv):
     """Concurrent creates: CNI runs under the host-wide lock, host-local hands out distinct
     addresses, every guest reaches the gateway, and all of it is released."""

@@ -284,6 +284,36 @@ def test_host_bind_mounts_reach_the_container(env):
     wait_until(lambda: not [m for m in our_mounts(env) if id in m], 30, "the bind staging mounts to go")
 
 
+def test_a_hostile_guest_cannot_write_through_read_only_shares(env):
+    """The guest mounts the shares itself (a privileged container can): a `ro` rbind is still
+    read-only below its submounts, and a read-only rootfs on the host side too."""
+    from spinbox.shim import mounts
+
+    id = uid("hostile")
+    src = env.work / f"vol-{id}"
+    (src / "sub").mkdir(parents=True)
+    mounts.mount_syscall("tmpfs", str(src / "sub"), 0, fstype="tmpfs", data="size=1m")
+    try:
+        (src / "sub" / "inner.txt").write_text("inner\n")
+        script = ("for t in binds rootfs; do for n in 1 2 3 4 5 6 7 8 9; do "
+                  "  d=/tmp; [ $t = rootfs ] && d=/root; mount -t virtiofs $t-$n $d 2>/dev/null && break; done; done; "
+                  "grep -q ' /root virtiofs ' /proc/mounts && echo rootfs-mounted; "
+                  "cat /tmp/b0/sub/inner.txt; "
+                  "(echo x > /tmp/b0/sub/evil) 2>/dev/null && echo WROTE-SUB || echo sub-refused; "
+                  "(echo x > /tmp/b0/evil) 2>/dev/null && echo WROTE-TOP || echo top-refused; "
+                  "(echo x > /root/evil) 2>/dev/null && echo WROTE-ROOTFS || echo rootfs-refused")
+        r = env.ctr(*env.run_args("--rm", "--privileged", "--read-only", "--mount",
+                                  f"type=bind,src={src},dst=/var,options=rbind:ro"),
+                    env.ref, id, "sh", "-c", script, check=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().split() == ["rootfs-mounted", "inner", "sub-refused", "top-refused",
+                                        "rootfs-refused"], r.stdout
+        assert sorted(os.listdir(src / "sub")) == ["inner.txt"] and sorted(os.listdir(src)) == ["sub"]
+    finally:
+        mounts.unmount_all(src / "sub")
+    wait_until(lambda: not [m for m in our_mounts(env) if id in m], 30, "the staging and rootfs mounts to go")
+
+
 def test_a_missing_bind_source_fails_the_create_by_name(env):
     id = uid("nobind")
     missing = env.work / f"missing-{id}"

@@ -13,6 +13,11 @@ Layers, later ones win key by key (sections are merged, not replaced):
 Unknown keys and bad values are refused with a `ConfigError` whose message starts with the key
 path (`runtime.accel: must be one of auto, kvm, tcg (got 'xen')`).
 
+The binaries the shim runs as root (`paths.qemu`, `paths.virtiofsd`) are the host's choice:
+runtime options (layer 3, which whoever can talk to containerd picks per container) may only
+select one of the absolute paths the host config file lists in `paths.allowed_binaries`, and
+cannot set that list (`check_binaries`).
+
 `vm_config(cfg, ...)` turns a `SpinboxConfig` into the VM layer's `VMConfig` in one place, so
 every VM-related key demonstrably reaches QEMU.
 """
@@ -63,6 +68,8 @@ class PathsConfig:
     qemu: str = "qemu-system-x86_64"                # QEMU binary (name on PATH or absolute)
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"      # virtiofsd binary
     template_dir: str = ""                          # VM templates ("" = <state_dir>/templates; tmpfs is best)
+    # absolute paths runtime options may pick for qemu / virtiofsd (host config file only)
+    allowed_binaries: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,9 @@ def _validate(cfg: SpinboxConfig) -> None:
     for key in ("qemu", "virtiofsd"):
         if not getattr(cfg.paths, key):
             raise ConfigError(f"paths.{key}", "must not be empty")
+    for b in cfg.paths.allowed_binaries:
+        if not os.path.isabs(b):
+            raise ConfigError("paths.allowed_binaries", f"entries must be absolute paths (got {b!r})")
     for key in ("kernel", "image"):
         p = getattr(cfg.guest, key)
         if p is not None and not os.path.isabs(p):
@@ -358,6 +368,31 @@ def decode_runtime_options(options: Any) -> Any | None:
     return opts
 
 
+_BINARY_KEYS = ("qemu", "virtiofsd")
+
+
+def check_binaries(host: dict[str, Any], over: dict[str, Any], source: str) -> None:
+    """A runtime options layer (`over`, from `source`) may pick QEMU / virtiofsd only from the
+    host config's `paths.allowed_binaries` (absolute paths), and may not change that list."""
+    paths = over.get("paths")
+    if not isinstance(paths, dict):
+        return
+    if "allowed_binaries" in paths:
+        raise ConfigError("paths.allowed_binaries", "can only be set in the host config file "
+                          f"(${CONFIG_ENV} or {DEFAULT_CONFIG_PATH}), not in runtime options", source)
+    host_paths: dict[str, Any] = host["paths"] if isinstance(host.get("paths"), dict) else {}
+    allowed = list(host_paths.get("allowed_binaries") or ())
+    for key in _BINARY_KEYS:
+        if key not in paths:
+            continue
+        value = paths[key]
+        if value == host_paths.get(key, getattr(PathsConfig, key)) or \
+                (isinstance(value, str) and os.path.isabs(value) and value in allowed):
+            continue
+        raise ConfigError(f"paths.{key}", f"{value!r} is not allowed from runtime options: the host config "
+                          f"file's paths.allowed_binaries lists {', '.join(allowed) or 'none'}", source)
+
+
 def load(options: Any = None, *, env: Mapping[str, str] | None = None) -> SpinboxConfig:
     """The effective config: defaults < config file < runtime options (config_path, config_body)."""
     if env is None:
@@ -370,16 +405,19 @@ def load(options: Any = None, *, env: Mapping[str, str] | None = None) -> Spinbo
         data = read_file(path)
         from_dict(data, source=path)       # errors name the file they come from
         sources.append(path)
+    host = data
     opts = decode_runtime_options(options)
     if opts is not None:
         if opts.config_path:
             over = read_file(opts.config_path)
             from_dict(over, source=opts.config_path)
+            check_binaries(host, over, opts.config_path)
             data = merge(data, over)
             sources.append(opts.config_path)
         if opts.config_body:
             over = parse_config_body(opts.config_body)
             from_dict(over, source="runtime options config_body")
+            check_binaries(host, over, "runtime options config_body")
             data = merge(data, over)
             sources.append("runtime options config_body")
     cfg = from_dict(data, source=" + ".join(sources) or None)

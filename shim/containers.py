@@ -152,14 +152,17 @@ class ContainerManager:
 
     # --- rootfs ----------------------------------------------------------------------------
 
-    async def _mount_rootfs(self, c: Container, bundle: Path, mounts: list[rootfs_mod.MountSpec]) -> None:
+    async def _mount_rootfs(self, c: Container, bundle: Path, mounts: list[rootfs_mod.MountSpec],
+                            readonly: bool = False, mount_points: list[tuple[str, bool]] | None = None) -> None:
         rootfs_path = str(bundle / "rootfs")
-        if mounts and self.state is not None:      # recorded first: `delete` unmounts it
+        mounting = bool(mounts) or readonly         # a read-only rootfs is a bind of its own
+        if mounting and self.state is not None:      # recorded first: `delete` unmounts it
             self.state.record("mount", rootfs_path, owner=c.id, path=rootfs_path)
         try:
-            c.rootfs = await rootfs_mod.mount_rootfs(bundle, mounts)
+            c.rootfs = await rootfs_mod.mount_rootfs(bundle, mounts, readonly=readonly,
+                                                     mount_points=mount_points or ())
         except rootfs_mod.RootfsError as e:
-            if mounts and self.state is not None:
+            if mounting and self.state is not None:
                 self.state.forget("mount", rootfs_path)
             raise FailedPrecondition(f"rootfs of {c.id}: {e}") from None
 
@@ -195,7 +198,8 @@ class ContainerManager:
         binds = spec_mod.plan_binds(spec)
         c = Container(id, str(bundle), stdio)
 
-        await self._mount_rootfs(c, bundle, mounts)
+        await self._mount_rootfs(c, bundle, mounts, spec_mod.root_readonly(spec),
+                                 spec_mod.mount_points(spec, binds))
         undo.callback(self._release_rootfs, c)
         self.timelines.mark(id, "rootfs")
 

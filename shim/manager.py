@@ -4,8 +4,9 @@
     containerd-shim-spinbox-v1 -namespace N -address A -publish-binary P -id ID -bundle B delete
     containerd-shim-spinbox-v1 -v | -info
 
-* `start` (cwd = bundle): picks the sandbox group (annotation `io.containerd.spinbox.v1.group`
-  or `spinbox.io/sandbox`, else `io.kubernetes.cri.sandbox-id`, else the task id), reuses the
+* `start` (cwd = bundle): picks the sandbox group (under CRI `io.kubernetes.cri.sandbox-id`, and a
+  group annotation naming another is refused; else `io.containerd.spinbox.v1.group` or
+  `spinbox.io/sandbox`, else the task id), reuses the
   group's daemon if its socket answers, or binds the socket itself and spawns the daemon with
   the listener as fd 3 (no race: the socket accepts before the daemon even runs), waits for the
   daemon to say it is ready, writes `<bundle>/address`, and prints the address — plain text, or
@@ -50,8 +51,9 @@ BINARY_NAME = "containerd-shim-spinbox-v1"
 SHIM_PROTOCOL_VERSION = 2
 DEFAULT_SOCKET_DIR = "/run/containerd/s"
 SOCKET_PATH_MAX = 106        # containerd's socketPathLimit
-GROUP_ANNOTATIONS = ("io.containerd.spinbox.v1.group", "spinbox.io/sandbox",
-                     "io.kubernetes.cri.sandbox-id")
+GROUP_ANNOTATIONS = ("io.containerd.spinbox.v1.group", "spinbox.io/sandbox")   # ours (not under CRI)
+CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 READY_TIMEOUT_S = 30.0       # daemon spawn -> serving (Python start-up on a loaded 2-core host)
 DELETE_DAEMON_WAIT_S = 1.5   # delete: let a daemon that is shutting down finish by itself
 
@@ -142,14 +144,33 @@ def read_annotations(bundle: str | os.PathLike[str]) -> dict[str, str]:
     return {k: v for k, v in ann.items() if isinstance(v, str)} if isinstance(ann, dict) else {}
 
 
+def _valid_group(key: str, value: str) -> str:
+    if not contract.is_valid_id(value):
+        raise ShimError(f"annotation {key}={value!r} is not a valid sandbox id")
+    return value
+
+
 def group_id(task_id: str, annotations: dict[str, str]) -> str:
-    """The shim daemon a task belongs to: one per sandbox (pod), else one per task."""
+    """The shim daemon a task belongs to: one per sandbox (pod), else one per task.
+
+    Under CRI (its sandbox-id or container-type annotation is present) the pod's sandbox id
+    decides, whatever else the annotations say: a pod's own annotations pass through to the
+    spec, and a group annotation of its choice would run its containers in another pod's VM.
+    One that names another group is refused; outside CRI our group annotations decide."""
+    sandbox = annotations.get(CRI_SANDBOX_ID, "")
+    if sandbox or CRI_CONTAINER_TYPE in annotations:
+        group = _valid_group(CRI_SANDBOX_ID, sandbox) if sandbox else task_id
+        for key in GROUP_ANNOTATIONS:
+            value = annotations.get(key)
+            if value and value != group:
+                raise ShimError(f"annotation {key}={value!r} names another sandbox than CRI's "
+                                f"{CRI_SANDBOX_ID}={group!r}: refused (under CRI the pod's sandbox "
+                                "decides where its containers run)")
+        return group
     for key in GROUP_ANNOTATIONS:
         value = annotations.get(key)
         if value:
-            if not contract.is_valid_id(value):
-                raise ShimError(f"annotation {key}={value!r} is not a valid sandbox id")
-            return value
+            return _valid_group(key, value)
     return task_id
 
 

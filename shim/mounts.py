@@ -2,6 +2,7 @@
 
     await mount_command("overlay", "overlay", "/b/rootfs", ["lowerdir=..."])   # util-linux mount
     bind(source, target, recursive=True); remount_bind_readonly(target)       # mount(2)
+    set_tree_attrs(target, readonly=True)   # mount_setattr(2): ro/nosuid/nodev on a whole tree
     mount_syscall(source, target, flags)                                     # netns bind / MS_SHARED
     is_mountpoint(path); mounts_under(path)                                  # /proc/self/mountinfo
     unmount_all(path)                 # everything on and below path, deepest first (idempotent)
@@ -37,8 +38,12 @@ from spinbox.shim.errors import HostError
 log = logging.getLogger(__name__)
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT = 1, 2, 4, 32
-MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 1 << 20
+MS_BIND, MS_REC, MS_PRIVATE, MS_SHARED = 0x1000, 0x4000, 1 << 18, 1 << 20
 MNT_DETACH = 2
+# mount_setattr(2) (Linux 5.12): no libc wrapper in Debian 12's glibc, hence the raw syscall
+SYS_MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442}
+AT_FDCWD, AT_SYMLINK_NOFOLLOW, AT_RECURSIVE = -100, 0x100, 0x8000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 UMOUNT_NOFOLLOW = 8
 MOUNTINFO = "/proc/self/mountinfo"
 _MAX_ROUNDS = 64                  # stacked mounts; a bound so a broken table cannot spin forever
@@ -123,6 +128,37 @@ def remount_bind_readonly(target: str) -> None:
     except MountError as e:
         raise MountError(f"mount -o remount,bind,ro {target}: {os.strerror(e.errno or 0)}",
                          e.errno) from None
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def set_tree_attrs(target: str, *, readonly: bool, private: bool = False) -> None:
+    """nosuid + nodev (+ read-only) on the mount at `target` AND every mount below it; with
+    `private`, the tree also stops receiving mounts propagated from its source.
+
+    A remount (MS_REMOUNT|MS_BIND) changes one mount only: the submounts an rbind carried along
+    would stay writable, and virtiofsd serves them to the guest as they are. mount_setattr(2)
+    with AT_RECURSIVE changes the whole tree at once. A kernel without it (before 5.12) gets
+    a clear error: there is no safe per-mount fallback for a tree (a submount mounted between
+    the listing and the remounts would be missed)."""
+    nr = SYS_MOUNT_SETATTR.get(os.uname().machine)
+    attr = _MountAttr(MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0), 0,
+                      MS_PRIVATE if private else 0, 0)
+    rc = -1 if nr is None else _libc.syscall(ctypes.c_long(nr), ctypes.c_int(AT_FDCWD), target.encode(),
+                                             ctypes.c_uint(AT_RECURSIVE | AT_SYMLINK_NOFOLLOW),
+                                             ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    if rc == 0:
+        return
+    err = errno.ENOSYS if nr is None else ctypes.get_errno()
+    what = "ro,nosuid,nodev" if readonly else "nosuid,nodev"
+    if err == errno.ENOSYS:
+        raise MountError(f"mount_setattr {target} ({what}, recursive): this kernel ({os.uname().release}, "
+                         f"{os.uname().machine}) lacks mount_setattr(2) (Linux 5.12+), which spinbox "
+                         "needs to make a mount and all its submounts " + what, err)
+    raise _error(err, f"mount_setattr {target} ({what}, recursive)")
 
 
 def mount_command_argv(fstype: str, source: str, target: str, options: Sequence[str] = ()) -> list[str]:

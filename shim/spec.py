@@ -38,6 +38,7 @@ class BindMount:
     destination: str
     readonly: bool
     is_dir: bool
+    recursive: bool = False   # rbind: the source's submounts come along (plain bind: not)
 
     def describe(self) -> str:
         return f"bind mount {self.source!r} -> {self.destination!r}"
@@ -56,6 +57,24 @@ def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     return spec
 
 
+def root_readonly(spec: dict[str, Any]) -> bool:
+    """The spec's root.readonly: the rootfs is then shared read-only (on the host side too)."""
+    root = spec.get("root")
+    return isinstance(root, dict) and root.get("readonly") is True
+
+
+def mount_points(spec: dict[str, Any], binds: list[BindMount]) -> list[tuple[str, bool]]:
+    """(destination, is a directory) of every spec mount: what runc must find in the rootfs.
+    A bind of a file needs a file there; everything else a directory."""
+    files = {b.index for b in binds if not b.is_dir}
+    out = []
+    for i, m in enumerate(spec.get("mounts") or []):
+        dest = m.get("destination") if isinstance(m, dict) else None
+        if isinstance(dest, str) and dest:
+            out.append((dest, i not in files))
+    return out
+
+
 def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
     """An OCI type that containerd sends as JSON in an Any (exec Process, LinuxResources)."""
     try:
@@ -70,6 +89,13 @@ def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
 def is_bind(m: dict[str, Any]) -> bool:
     opts = m.get("options") or []
     return m.get("type", "") in _BIND_TYPES or "bind" in opts or "rbind" in opts
+
+
+def is_recursive(m: dict[str, Any]) -> bool:
+    """`rbind` (an option, or the type without a `bind` option) carries the submounts along, as
+    runc does; `bind` is the one mount only."""
+    opts = m.get("options") or []
+    return "rbind" in opts or (m.get("type") == "rbind" and "bind" not in opts)
 
 
 def plan_binds(spec: dict[str, Any]) -> list[BindMount]:
@@ -90,7 +116,7 @@ def plan_binds(spec: dict[str, Any]) -> list[BindMount]:
         if not os.path.exists(src):
             raise SpecError(f"bind mount {src!r} -> {dest!r}: the source does not exist on the host")
         opts = m.get("options") or []
-        out.append(BindMount(i, src, dest, "ro" in opts, os.path.isdir(src)))
+        out.append(BindMount(i, src, dest, "ro" in opts, os.path.isdir(src), is_recursive(m)))
     return out
 
 

@@ -7,6 +7,13 @@ Layout under `paths.state_dir` (default /run/spinbox):
     <state_dir>/<namespace>/<group>.lock         serializes start / delete / daemon exit
     <state_dir>/vm/<hash16>/                     the VM's own dir (short: unix socket paths)
 
+Trust: `delete` releases what a state file names (unmounts, kills, removes), so nobody but
+root may be able to write one. Every directory from / down to the group dir must be owned by
+root (or the shim's own user) and not writable by group or others (`check_dir_chain`, before
+any state file is read or written, and before the lock is taken); a sticky, root-owned
+directory such as /tmp is accepted above the state dir only. Anything else is refused with an
+error naming the directory.
+
 Rule: a resource is recorded *before* it is created (`state.record(...)`, or
 `async with state.recording(...)`), and forgotten only after it was released. So whatever moment
 the daemon is SIGKILLed at, `await cleanup_all()` (run by the `delete` subcommand and by the
@@ -35,6 +42,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -90,11 +98,45 @@ class GroupPaths:
         return self.state_dir / "vm" / h
 
 
+class StateError(HostError):
+    """The state file is unreadable, its directory is not root's alone, or a record names a
+    releaser that is refused."""
+
+
+def _dir_problem(d: Path, st: os.stat_result, *, sticky_ok: bool) -> str | None:
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {st.st_uid}, not root"
+    if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX and st.st_uid == 0):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def check_dir_chain(paths: GroupPaths) -> None:
+    """Refuse a state dir that someone other than root could change (see the module docstring):
+    each existing directory of the chain / .. state_dir / namespace / group is checked; what
+    does not exist yet is made by the shim itself (0700)."""
+    top = Path(os.path.realpath(paths.state_dir))      # symlinks resolved: their targets count
+    chain = [(d, True) for d in reversed(top.parents)] + [
+        (top, False), (top / paths.namespace, False), (top / paths.namespace / paths.group, False)]
+    for d, sticky_ok in chain:
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            return
+        problem = _dir_problem(d, st, sticky_ok=sticky_ok)
+        if problem is not None:
+            raise StateError(f"state dir {paths.state_dir}: {d} {problem}: refused (state files "
+                             "decide what `delete` removes; only root may write there)")
+
+
 class GroupLock:
     """An exclusive flock on the group's lock file, safe against the file being removed by the
     previous holder (re-open until the locked inode is the one at the path)."""
 
     def __init__(self, paths: GroupPaths, timeout: float = 30.0) -> None:
+        self.paths = paths
         self.path = paths.lock_file
         self.timeout = timeout
         self.fd: int | None = None
@@ -103,6 +145,7 @@ class GroupLock:
         deadline = time.monotonic() + self.timeout
         while True:
             # (re)made each round: the previous holder may have removed the namespace dir
+            check_dir_chain(self.paths)
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -164,10 +207,6 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         os.close(dfd)
 
 
-class StateError(HostError):
-    """The state file is unreadable, or a record names a releaser that is refused."""
-
-
 class Record:
     """One recorded resource (a view on the dict inside the state document)."""
 
@@ -207,6 +246,7 @@ class State:
     @classmethod
     def load(cls, paths: GroupPaths) -> State | None:
         """The recorded state, or None if there is none."""
+        check_dir_chain(paths)
         try:
             raw = paths.state_file.read_bytes()
         except FileNotFoundError:
@@ -232,6 +272,7 @@ class State:
         return st
 
     def save(self) -> None:
+        check_dir_chain(self.paths)
         self.paths.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json_atomic(self.paths.state_file, self.doc)
 

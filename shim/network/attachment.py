@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from spinbox.shim import releasers
 from spinbox.shim.errors import HostError
 
-from . import cni, plan as plan_mod
+from . import cni, netns, plan as plan_mod
 
 if TYPE_CHECKING:   # pyroute2 (0.2 s to import) is only loaded once a sandbox has a network
     from spinbox.api._pb.spinbox.agent.v1 import network_pb2
@@ -120,8 +120,10 @@ class NetworkAttachment:
         s = self.settings
         try:
             choice = plan_mod.choose(spec, enabled=s.enabled, network=s.network)
+            if choice.mode == "existing":       # before anything is recorded or touched
+                netns.check_not_host(choice.netns_path)
             choice, self._netconf = plan_mod.resolve(choice, s.conf_dir)
-        except (plan_mod.PlanError, cni.CNIError) as e:
+        except (plan_mod.PlanError, cni.CNIError, netns.NetnsError) as e:
             raise NetworkSetupError(f"network for sandbox {self.sandbox_id}: {e}") from None
         self.choice = choice
         log.info("sandbox %s network: %s (%s)", self.sandbox_id, choice.mode, choice.reason)
@@ -161,7 +163,7 @@ class NetworkAttachment:
                     if self.settings.host_resolv_conf else None
                 self.net = await nets.attach(choice.netns_path, self.sandbox_id, persist=self._persist,
                                              dns=dns)
-        except (cni.CNIError, plumbing.PlumbingError, OSError) as e:
+        except (cni.CNIError, plumbing.PlumbingError, netns.NetnsError, OSError) as e:
             await self._undo(nets)
             raise NetworkSetupError(f"network for sandbox {self.sandbox_id}: {e}") from None
         except BaseException:

@@ -179,7 +179,9 @@ class HostNetworks:
 
     async def attach(self, netns_path: str, sandbox_id: str = "", persist: Persist | None = None,
                      dns: DNSConfig | None = None) -> HostNetwork:
-        """CRI mode: CRI created the pod netns and ran CNI; only plumb its interfaces."""
+        """CRI mode: CRI created the pod netns and ran CNI; only plumb its interfaces. The
+        host's own netns is refused (netns.NetnsError) before anything is touched."""
+        netns.check_not_host(netns_path)
         net = HostNetwork(sandbox_id, netns_path, owns_netns=False, mode="existing",
                              cache_dir=self.cache_dir, dns=dns or DNSConfig())
         net.interfaces = await plumbing.plumb(netns_path)

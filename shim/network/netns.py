@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703          # _IO(0xb7, 0x3): which kind of namespace an nsfs fd is
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 T = TypeVar("T")
@@ -134,6 +136,44 @@ def is_netns(path: str) -> bool:
         return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
     except OSError:
         return False
+
+
+def _ns_type(path: str) -> int | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+# The host's own network namespaces: init's, and the shim's (the same unless the shim runs in a
+# container). Joining one would move every host interface into the VM.
+HOST_NETNS_FILES = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
+
+
+def check_not_host(path: str, host_files: tuple[str, ...] = HOST_NETNS_FILES) -> None:
+    """Refuse a netns path (CRI's pod netns, from the spec) that is not a network namespace
+    file, or is the host's own network namespace however it is spelled (a /proc link, a bind
+    mount or a symlink of it): compared by the namespace's identity, st_dev and st_ino."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise NetnsError(f"network namespace {path!r}: {e.strerror}") from None
+    if not is_netns(path) or _ns_type(path) != CLONE_NEWNET:
+        raise NetnsError(f"network namespace {path!r} is not a network namespace file")
+    for host in host_files:
+        try:
+            h = os.stat(host)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (h.st_dev, h.st_ino):
+            raise NetnsError(f"network namespace {path!r} is the host's own ({host}): refused, the "
+                             "sandbox would take over every host network interface")
 
 
 def run_in_sync(path: str, fn: Callable[[], T]) -> T:

@@ -6,7 +6,9 @@ release without a race: the releaser unlinks while still holding the lock, and a
 locked a file which has since been unlinked (inode differs from the path's) just tries again.
 
 Before taking a free lock we also skip CIDs that a live QEMU still uses (an orphan of a crashed
-shim whose lock died with it): its command line contains `guest-cid=<N>`. Where
+shim whose lock died with it): its command line contains `guest-cid=<N>`. Only a QEMU we could
+have started counts -- a root-owned process whose executable is the configured QEMU binary --
+or any user could run `sleep guest-cid=4,...` and make the shim skip (or exhaust) CIDs. Where
 /dev/vhost-vsock exists, `probe_vhost=True` additionally asks the kernel (VHOST_VSOCK_SET_GUEST_CID
 answers EADDRINUSE for a CID another VM holds, ours or not).
 """
@@ -15,10 +17,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import HostError
+from .config import DEFAULT_QEMU
 
 MIN_CID = 3          # 0-2 are reserved (hypervisor, local, host)
 MAX_CID = 0xFFFFFFFE  # U32_MAX is VMADDR_CID_ANY
@@ -62,8 +67,32 @@ class CIDLease:
         return f"CIDLease(cid={self.cid}, held={self.held})"
 
 
-def cids_in_use_by_processes(proc_root: str | Path = "/proc") -> set[int]:
-    """CIDs named as `guest-cid=N` in any process's command line (orphaned QEMUs)."""
+def qemu_executables(binaries: Iterable[str]) -> set[str]:
+    """The real paths of the QEMU binaries (names are looked up on PATH, as exec does)."""
+    out = set()
+    for b in binaries:
+        path = b if os.path.isabs(b) else shutil.which(b)
+        if path:
+            out.add(os.path.realpath(path))
+    return out
+
+
+def _is_our_qemu(proc_dir: str, exes: set[str]) -> bool:
+    """Owned by root and running one of `exes` (a binary replaced since it started reads
+    "<path> (deleted)")."""
+    try:
+        if os.stat(proc_dir).st_uid != 0:
+            return False
+        exe = os.readlink(os.path.join(proc_dir, "exe"))
+    except OSError:
+        return False
+    return exe.removesuffix(" (deleted)") in exes
+
+
+def cids_in_use_by_processes(proc_root: str | Path = "/proc",
+                             qemu_binaries: Iterable[str] = (DEFAULT_QEMU,)) -> set[int]:
+    """CIDs named as `guest-cid=N` in the command line of a root-owned QEMU (orphaned QEMUs)."""
+    exes = qemu_executables(qemu_binaries)
     used: set[int] = set()
     for entry in os.scandir(proc_root):
         if not entry.name.isdigit():
@@ -72,7 +101,7 @@ def cids_in_use_by_processes(proc_root: str | Path = "/proc") -> set[int]:
             raw = Path(entry.path, "cmdline").read_bytes()
         except OSError:
             continue
-        if b"guest-cid=" not in raw:
+        if b"guest-cid=" not in raw or not _is_our_qemu(entry.path, exes):
             continue
         for arg in raw.split(b"\0"):
             for part in arg.split(b","):
@@ -120,14 +149,16 @@ def _try_lock(path: Path) -> int | None:
 
 
 def allocate_cid(runtime_dir: str | Path = DEFAULT_RUNTIME_DIR, *, start: int = MIN_CID + 1,
-                 end: int = 65535, proc_root: str | Path = "/proc", probe_vhost: bool = False) -> CIDLease:
+                 end: int = 65535, proc_root: str | Path = "/proc", probe_vhost: bool = False,
+                 qemu_binaries: Iterable[str] = (DEFAULT_QEMU,)) -> CIDLease:
     """Lowest free CID in [start, end]. CID 3 is skipped by default (peers saw transient routing
-    trouble with it); pass start=3 to allow it."""
+    trouble with it); pass start=3 to allow it. `qemu_binaries`: the configured QEMU (its
+    orphans' CIDs are skipped)."""
     if start < MIN_CID or end > MAX_CID or start > end:
         raise ValueError(f"CID range must lie within {MIN_CID}..{MAX_CID} (got {start}..{end})")
     d = Path(runtime_dir)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    busy = cids_in_use_by_processes(proc_root)
+    busy = cids_in_use_by_processes(proc_root, qemu_binaries)
     for cid in range(start, end + 1):
         if cid in busy:
             continue

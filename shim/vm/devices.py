@@ -66,7 +66,10 @@ async def device_del(vm: VM, dev_id: str, timeout: float = 10.0) -> None:
             if left <= 0:
                 raise DeviceError(f"device {dev_id}: no DEVICE_DELETED within {timeout} s "
                                   "(the guest did not release it)")
-            ev = cast("Mapping[str, Any]", await asyncio.wait_for(events.get(), left))
+            try:
+                ev = cast("Mapping[str, Any]", await asyncio.wait_for(events.get(), left))
+            except asyncio.TimeoutError:
+                continue          # the deadline check above names it
             if ev.get("data", {}).get("device") == dev_id:
                 return
 
@@ -79,9 +82,17 @@ class Handle:
     detached: bool = False
 
     async def detach(self, timeout: float = 10.0) -> None:
+        """Unplug the device, then remove its backend. A guest that never acknowledges the
+        unplug must not keep the backend's host resources: they are cut off anyway
+        (`_abandon_backend`) and the error is raised. The device and its port stay taken: the
+        guest may still hold them."""
         if self.detached:
             return
-        await device_del(self.vm, self.id, timeout)
+        try:
+            await device_del(self.vm, self.id, timeout)
+        except BaseException:
+            await self._abandon_backend()
+            raise
         self.detached = True
         if self.port:
             self.vm.used_ports.discard(self.port)
@@ -89,6 +100,9 @@ class Handle:
 
     async def _release_backend(self) -> None:
         pass
+
+    async def _abandon_backend(self) -> None:
+        """The guest did not release the device: take away what it reaches on the host."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +246,12 @@ class VirtioFSHandle(Handle):
         with contextlib.suppress(Exception):
             await self.vm.execute("chardev-remove", {"id": self.chardev_id})
         await self.stop_daemon()
+
+    async def _abandon_backend(self) -> None:
+        # virtiofsd holds the shared tree (a deleted container's rootfs, its bind sources):
+        # killed now, so the guest loses access and the tree can be unmounted.
+        log.warning("virtiofs %s: the guest did not release the device; killing its virtiofsd", self.tag)
+        await self.stop_daemon(grace=0)
 
     async def stop_daemon(self, grace: float = 2.0) -> None:
         """virtiofsd exits by itself once QEMU disconnects; kill it if it does not."""

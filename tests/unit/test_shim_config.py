@@ -15,7 +15,7 @@ from spinbox.shim import config as c
 NON_DEFAULT = {
     "paths": {"share_dir": "/opt/sb/share", "state_dir": "/run/sbx", "cni_conf_dir": "/etc/sbcni",
               "cni_bin_dirs": ["/opt/cni2"], "qemu": "/opt/q/qemu", "virtiofsd": "/opt/q/virtiofsd",
-              "template_dir": "/run/sbt"},
+              "template_dir": "/run/sbt", "allowed_binaries": ["/opt/q2/qemu"]},
     "runtime": {"vmm": "qemu", "accel": "tcg", "machine": "q35", "transport": "virtio-serial",
                 "oci_runtime": "crun", "start": "cold", "pci_hotplug_ports": 9},
     "timeouts": {"boot_s": 90, "shutdown_s": 7.5, "agent_call_s": 3},
@@ -133,6 +133,35 @@ kernel_cmdline_extra = ["x=1"]
     # serialized bytes (what start's stdin carries) work the same
     raw = _options_any(config_body="[runtime]\naccel = 'kvm'\n").SerializeToString()
     assert c.load(raw, env={}).runtime.accel == "kvm"
+
+
+def test_runtime_options_may_only_pick_allowed_binaries(tmp_path):
+    """QEMU and virtiofsd run as root: per-container runtime options cannot swap them for any
+    binary, only for one the host config file allows."""
+    host = tmp_path / "config.json"
+    host.write_text(json.dumps({"paths": {"qemu": "/usr/bin/qemu-system-x86_64",
+                                          "allowed_binaries": ["/opt/q/qemu", "/opt/q/virtiofsd"]}}))
+    env = {c.CONFIG_ENV: str(host)}
+    body = "[paths]\nqemu = '/opt/q/qemu'\nvirtiofsd = '/opt/q/virtiofsd'\n"
+    cfg = c.load(_options_any(config_body=body), env=env)
+    assert (cfg.paths.qemu, cfg.paths.virtiofsd) == ("/opt/q/qemu", "/opt/q/virtiofsd")
+    same = "[paths]\nqemu = '/usr/bin/qemu-system-x86_64'\n"          # the host's own value: fine
+    assert c.load(_options_any(config_body=same), env=env).paths.qemu == "/usr/bin/qemu-system-x86_64"
+    with pytest.raises(c.ConfigError, match=r"paths.qemu: '/tmp/evil' is not allowed from runtime options: "
+                                            r"the host config file's paths.allowed_binaries lists /opt/q/qemu"):
+        c.load(_options_any(config_body="[paths]\nqemu = '/tmp/evil'\n"), env=env)
+    over = tmp_path / "over.json"
+    over.write_text(json.dumps({"paths": {"virtiofsd": "virtiofsd"}}))          # a name on PATH
+    with pytest.raises(c.ConfigError, match=rf"{over}.*paths.virtiofsd: 'virtiofsd' is not allowed"):
+        c.load(_options_any(config_path=str(over)), env=env)
+    with pytest.raises(c.ConfigError, match="paths.allowed_binaries: can only be set in the host config file"):
+        c.load(_options_any(config_body="[paths]\nallowed_binaries = ['/tmp/evil']\nqemu = '/tmp/evil'\n"),
+               env=env)
+    # without a host file nothing is allowed but the defaults
+    with pytest.raises(c.ConfigError, match="lists none"):
+        c.load(_options_any(config_body="[paths]\nvirtiofsd = '/opt/q/virtiofsd'\n"), env={})
+    with pytest.raises(c.ConfigError, match="paths.allowed_binaries: entries must be absolute"):
+        c.from_dict({"paths": {"allowed_binaries": ["qemu"]}})
 
 
 def test_config_body_errors_name_the_key():

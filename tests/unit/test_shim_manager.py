@@ -51,15 +51,36 @@ def test_identifiers_are_checked():
 def test_group_selection(tmp_path):
     assert m.group_id("t1", {}) == "t1"
     assert m.group_id("c1", {"io.kubernetes.cri.sandbox-id": "sb1"}) == "sb1"
-    ours = {"io.containerd.spinbox.v1.group": "g1", "io.kubernetes.cri.sandbox-id": "sb1"}
-    assert m.group_id("c1", ours) == "g1"
-    assert m.group_id("c1", {"spinbox.io/sandbox": "g2", "io.kubernetes.cri.sandbox-id": "sb1"}) == "g2"
+    assert m.group_id("c1", {"io.containerd.spinbox.v1.group": "g1"}) == "g1"
+    assert m.group_id("c1", {"spinbox.io/sandbox": "g2"}) == "g2"
     with pytest.raises(m.ShimError, match="not a valid sandbox id"):
         m.group_id("c1", {"io.kubernetes.cri.sandbox-id": "../../x"})
     (tmp_path / "config.json").write_text(json.dumps({"annotations": {
         "io.kubernetes.cri.sandbox-id": "pod1", "n": 3}}))
     assert m.read_annotations(tmp_path) == {"io.kubernetes.cri.sandbox-id": "pod1"}
     assert m.read_annotations(tmp_path / "nothing") == {}
+
+
+@pytest.mark.parametrize("key", ["io.containerd.spinbox.v1.group", "spinbox.io/sandbox"])
+def test_under_cri_the_sandbox_id_decides_the_group(key):
+    """A pod's annotations pass through to the spec: its group annotation must not put its
+    containers into another pod's VM."""
+    cri = {"io.kubernetes.cri.sandbox-id": "sb1", "io.kubernetes.cri.container-type": "container"}
+    with pytest.raises(m.ShimError, match=rf"annotation {key}='other-pod' names another sandbox .*'sb1'"):
+        m.group_id("c1", {**cri, key: "other-pod"})
+    assert m.group_id("c1", {**cri, key: "sb1"}) == "sb1", "the same group is fine"
+    # the pod's sandbox container itself (its id is the sandbox id)
+    with pytest.raises(m.ShimError, match="names another sandbox"):
+        m.group_id("sb1", {"io.kubernetes.cri.container-type": "sandbox", key: "other-pod"})
+
+
+def test_a_refused_group_fails_start_before_anything_is_made(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"annotations": {
+        "io.kubernetes.cri.sandbox-id": "sb1", "spinbox.io/sandbox": "victim"}}))
+    args = m.ShimArgs(namespace="k8s.io", id="c1", bundle=str(tmp_path), address="/x")
+    with pytest.raises(m.ShimError, match="names another sandbox"):
+        m.start(args, b"", env={"SPINBOX_CONFIG": str(tmp_path / "none.json")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
 def test_socket_address():

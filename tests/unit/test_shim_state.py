@@ -71,9 +71,10 @@ async def test_cleanup_all_releases_real_resources(paths, child, tmp_path):
     st = State.open(paths)
     f = tmp_path / "file"
     f.write_text("x")
-    d = tmp_path / "tree"
-    (d / "sub").mkdir(parents=True)
-    (d / "sub" / "f").write_text("x")
+    d = tmp_path / "tree"             # a bind staging dir as shim.binds leaves it unmounted
+    (d / "b0").mkdir(parents=True)
+    (d / "b1").mkdir()
+    (d / "b1" / "hosts").write_text("")
     sock_path = str(tmp_path / "s.sock")
     s = socket.socket(socket.AF_UNIX)
     s.bind(sock_path)

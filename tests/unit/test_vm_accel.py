@@ -120,14 +120,45 @@ def test_cid_allocation_and_release(tmp_path):
     assert allocate_cid(tmp_path / "cids", start=3, proc_root=proc).cid == 3
 
 
+def _fake_process(proc, pid: int, exe, cmdline: bytes, uid: int = 0) -> None:
+    d = proc / str(pid)
+    d.mkdir(parents=True)
+    (d / "cmdline").write_bytes(cmdline)
+    (d / "exe").symlink_to(exe)
+    if uid != os.stat(d).st_uid:
+        os.chown(d, uid, uid)
+
+
+def _fake_qemu(tmp_path):
+    qemu = tmp_path / "bin" / "qemu-system-x86_64"
+    qemu.parent.mkdir()
+    qemu.write_bytes(b"")
+    return qemu
+
+
 def test_cid_skips_ones_an_orphaned_qemu_uses(tmp_path):
     proc = tmp_path / "proc"
-    (proc / "4242").mkdir(parents=True)
-    (proc / "4242" / "cmdline").write_bytes(b"qemu-system-x86_64\0-device\0vhost-vsock-pci,id=v,guest-cid=4\0")
+    qemu = _fake_qemu(tmp_path)
+    _fake_process(proc, 4242, qemu, b"qemu-system-x86_64\0-device\0vhost-vsock-pci,id=v,guest-cid=4\0")
     (proc / "self").mkdir()
-    assert cids_in_use_by_processes(proc) == {4}
-    with allocate_cid(tmp_path / "cids", proc_root=proc) as lease:
+    assert cids_in_use_by_processes(proc, [str(qemu)]) == {4}
+    with allocate_cid(tmp_path / "cids", proc_root=proc, qemu_binaries=[str(qemu)]) as lease:
         assert lease.cid == 5
+
+
+def test_cid_in_any_other_command_line_is_not_a_qemu_of_ours(tmp_path):
+    """Any user can put `guest-cid=` in an argv: only a root-owned process running the configured
+    QEMU binary holds a CID (one replaced by an upgrade since it started still does)."""
+    proc = tmp_path / "proc"
+    qemu = _fake_qemu(tmp_path)
+    argv = b"-device\0vhost-vsock-pci,guest-cid=%d\0"
+    _fake_process(proc, 10, "/bin/sleep", b"sleep\0" + argv % 4)
+    _fake_process(proc, 11, f"{qemu} (deleted)", b"qemu\0" + argv % 5)
+    if os.geteuid() == 0:
+        _fake_process(proc, 12, qemu, b"qemu\0" + argv % 6, uid=1000)
+    assert cids_in_use_by_processes(proc, [str(qemu)]) == {5}
+    with allocate_cid(tmp_path / "cids", proc_root=proc, qemu_binaries=[str(qemu)]) as lease:
+        assert lease.cid == 4
 
 
 def test_cid_exhausted(tmp_path):
