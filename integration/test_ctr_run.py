@@ -4,7 +4,8 @@ container in its own QEMU microVM (TCG here), runc inside the guest.
 What is proven, one test each: stdout/stderr and exit codes (0, 7, 137 after SIGKILL, 143 after
 SIGTERM to an exec), a line piped to stdin, a TTY (`ctr run -t` under a pty), `ctr task exec`,
 `pause`/`resume` (the counter really stops), `ps`, `metrics`, `kill --all`, 5 containers at
-once, a containerd restart while a task runs, a SIGKILLed shim daemon, a SIGKILLed QEMU.
+once, a containerd restart while a task runs, a SIGKILLed shim daemon, a SIGKILLed QEMU, a
+guest flooding its console (the host's file stays within its cap).
 
 Cost: every `ctr run` boots a VM (~3-6 s under TCG), so one long-running container (`svc`,
 printing a counter) serves the exec/ps/metrics/pause tests, and the image is imported once.
@@ -714,6 +715,55 @@ def test_oom_kill_in_the_guest_reaches_containerd_as_tasks_oom(env):
         wait_until(lambda: lines("/tasks/oom", id) and lines("/tasks/exit", id), 30,
                    f"/tasks/oom and /tasks/exit for {id}")
         assert '"exit_status":137' in lines("/tasks/exit", id)[0]
+
+
+def _vm_dir(env: Env, id: str) -> Path:
+    """The VM dir of sandbox `id` (QEMU's -pidfile is in it)."""
+    pids = env.qemu_pids(id)
+    assert pids, f"no QEMU for {id}"
+    argv = _cmdline(pids[0]).split(b"\0")
+    return Path(argv[argv.index(b"-pidfile") + 1].decode()).parent
+
+
+def test_a_guest_flooding_its_console_keeps_the_file_within_the_cap(env):
+    """A privileged container writes 3 MiB into the serial console: the host's console file
+    (console.log + console.log.1) stays within guest.console_log_max_mb, keeps the newest
+    output, and the sandbox answers exec while and after the guest writes."""
+    id = uid("con")
+    opts = env.work / "console-cap.json"
+    opts.write_text(json.dumps({"guest": {"console_log_max_mb": 1}}))
+    cap = 1 << 20
+    flood = "yes spinbox-console-flood-0123456789abcdefghijklmnopqrstuvwxyz | head -c 3145728 > /dev/ttyS0"
+    env.ctr(*env.run_args("-d", "--privileged", "--runtime-config-path", str(opts)), env.ref, id,
+            "sh", "-c", f"{flood}; echo written > /tmp/flood-done; sleep 600")
+    try:
+        env.wait_status(id, "RUNNING")
+        vm = _vm_dir(env, id)
+        files = [vm / "console.log", vm / "console.log.1"]
+
+        def on_disk() -> int:
+            return sum(f.stat().st_size for f in files if f.exists())
+
+        sizes = []
+        deadline = time.monotonic() + 150
+        n = 0
+        while True:
+            n += 1
+            r = env.ctr("task", "exec", "--exec-id", f"e{n}", id, "cat", "/tmp/flood-done", check=False,
+                        timeout=60)
+            sizes.append(on_disk())
+            assert sizes[-1] <= cap, sizes
+            if r.returncode == 0 and r.stdout == b"written\n":
+                break
+            assert time.monotonic() < deadline, f"the guest never finished writing its console ({sizes})"
+            time.sleep(1)
+        assert files[1].exists(), f"3 MiB into a 1 MiB console never rotated it ({sizes})"
+        assert on_disk() <= cap
+        assert b"spinbox-console-flood-0123456789" in files[0].read_bytes()[-4096:] + files[1].read_bytes()[-4096:]
+        r = env.ctr("task", "exec", "--exec-id", "after", id, "echo", "alive", check=False)
+        assert (r.returncode, r.stdout) == (0, b"alive\n"), r.stderr
+    finally:
+        kill_quietly(env, id)
 
 
 def test_killed_shim_daemon_is_cleaned_up_by_delete(env):

@@ -121,6 +121,7 @@ class GuestConfig:
     image: str | None = None            # image manifest override; null = <share_dir>/image.json
     kernel_cmdline_extra: tuple[str, ...] = ()   # extra kernel command-line words
     debug_console: bool = False         # verbose kernel console, console.log kept after stop
+    console_log_max_mb: int = _num(4, 1, 1024)   # the console file's cap (newest output kept)
 
 
 @dataclass(frozen=True)
@@ -448,6 +449,7 @@ def vm_config(cfg: SpinboxConfig, **overrides: Any):
         memory_slots=cfg.memory_hotplug.slots, memory_hotplug=cfg.memory_hotplug.backend,
         qemu_binary=cfg.paths.qemu, virtiofsd_binary=cfg.paths.virtiofsd,
         keep_console_log=cfg.guest.debug_console,
+        console_log_max_bytes=cfg.guest.console_log_max_mb << 20,
         timeouts=VMTimeouts(boot_s=cfg.timeouts.boot_s, shutdown_grace_s=cfg.timeouts.shutdown_s),
     )
     kw.update(overrides)

@@ -5,7 +5,8 @@
 * fd 3: the listening socket `start` bound (without fd 3, `-socket` is bound here: handy by hand);
   fd 4: readiness pipe — "ready\n" once the TTRPC server accepts, or "error: <why>\n".
 * Logs go to containerd's `<bundle>/log` FIFO (containerd copies it into its own log), or to
-  `<state>/<ns>/<group>/shim.log` when nobody reads the FIFO.
+  `<state>/<ns>/<group>/shim.log` when nobody reads the FIFO; written by a thread from a bounded
+  queue (shim.logwriter), so a slow reader drops log lines (counted) instead of stalling RPCs.
 * Services: the Task API, built by `shim.assembly.vm_task_service` (a VM per sandbox).
 * Exit: `ctx.request_shutdown()` (the Task service's Shutdown with no task left) or
   SIGTERM/SIGINT → stop serving → cleanups registered with `ctx.add_cleanup` (newest first) →
@@ -34,6 +35,7 @@ import ttrpc
 from spinbox.shim import config as config_mod
 from spinbox.api import contract
 from spinbox.shim.assembly import vm_task_service
+from spinbox.shim.logwriter import NonBlockingHandler
 from spinbox.shim.manager import ShimArgs, socket_path
 from spinbox.shim.publisher import Publisher
 from spinbox.shim.state import GroupLock, GroupPaths, State, cleanup_all
@@ -119,12 +121,15 @@ def setup_logging(fd: int, debug: bool, namespace: str, group: str) -> None:
     os.close(fd)
     sys.stderr = open(2, "w", buffering=1, closefd=False, errors="replace")
     logging.raiseExceptions = False      # a gone log reader must not kill the daemon
-    handler = logging.StreamHandler(sys.stderr)
+    # a slow FIFO reader must not stall the event loop: records go through a bounded queue
+    handler = NonBlockingHandler(2)
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s spinbox-shim[%(process)d] {namespace}/{group} %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # at debug qemu.qmp logs every message, and the guest raises QMP events at will
+    logging.getLogger("qemu.qmp").setLevel(logging.INFO)
 
 
 def _listener(args: ShimArgs) -> socket.socket:

@@ -11,6 +11,10 @@
 * `GuestEventFollower` reads the agent's event stream and hands exits to the sequencers; when
   the sandbox is lost it reports every live process as exited with the "unknown" status, so
   Wait returns and containerd can clean up.
+* `OOMReports`: the guest raises OOM events at will, so they are coalesced per container (one
+  pending /tasks/oom each, later ones merged into it) and published by one worker within a
+  per-sandbox budget (a token bucket). What waits is a set of container ids, never a task or a
+  message per event; exits do not go through it, so they never wait behind OOMs.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from spinbox.api._pb.containerd.events import task_pb2 as ev
 
 from .agent import AgentEvent
 from .process import Container, ExitInfo, Process
+from .ratelimit import LogThrottle, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,8 @@ START_EVENT_TIMEOUT = 10.0      # an exit waits at most this long for its start 
 DRAIN_TIMEOUT = 30.0            # ... for its output to reach the FIFOs
 EXEC_EXITS_BEFORE_INIT = 5.0    # ... the init's exit for the exits of running execs
 RESUBSCRIBE_DELAY_S = 0.5
+OOM_RATE = 5.0                  # /tasks/oom per second per sandbox, after a burst of
+OOM_BURST = 20
 
 
 def timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -214,6 +221,70 @@ class EventSource(Protocol):
     def guest_events(self, after_seq: int) -> AsyncIterator[AgentEvent]: ...
 
 
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel `task` and wait for it to end; whatever it raised is its own business now."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+class OOMReports:
+    """The guest's OOM events as `on_oom(container_id)` calls, bounded (module docstring):
+    pending ids are at most the containers that exist, publishes at most `burst` at once and
+    `rate` per second per sandbox; a container's OOMs while its report waits are merged."""
+
+    def __init__(self, on_oom: Callable[[str], Awaitable[None]], *, rate: float = OOM_RATE,
+                 burst: int = OOM_BURST, throttle: LogThrottle | None = None) -> None:
+        self._on_oom = on_oom
+        self._bucket = TokenBucket(rate, burst)
+        self._pending: dict[str, None] = {}      # insertion-ordered set of container ids
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._log = throttle or LogThrottle(log)
+        self.published = 0
+        self.merged = 0
+
+    def add(self, container_id: str) -> None:
+        if container_id in self._pending:
+            self.merged += 1
+            if self._bucket.wait_s() > 0:     # merging is normal; say so when over the budget
+                self._log.warning("oom-over-budget", "guest OOM events over the budget of %d/s: %s's "
+                                  "merged into its pending /tasks/oom (%d merged in this sandbox)",
+                                  self._bucket.rate, container_id, self.merged)
+            return
+        self._pending[container_id] = None
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = self._bucket.wait_s()
+            if delay > 0:
+                await asyncio.sleep(delay)    # over budget: more OOMs merge meanwhile
+                continue
+            self._bucket.take()
+            container_id = next(iter(self._pending))
+            del self._pending[container_id]
+            try:
+                await self._on_oom(container_id)
+                self.published += 1
+            except Exception:
+                log.exception("publishing the OOM of %s failed", container_id)
+
+    async def stop(self) -> None:
+        t, self._task = self._task, None
+        await _cancel(t)
+        self._pending.clear()
+
+
 class GuestEventFollower:
     """Follows one sandbox's guest events for the containers in `containers` (see the module
     docstring). `on_oom(container_id)` publishes an OOM; `closing()` tells a lost sandbox from
@@ -226,22 +297,16 @@ class GuestEventFollower:
         self.closing = closing
         self.last_seq = 0
         self._task: asyncio.Task[None] | None = None
-        self._oom_tasks: set[asyncio.Task[None]] = set()
+        self._log = LogThrottle(log)        # lines the guest's events cause, per message
+        self.ooms = OOMReports(on_oom, throttle=self._log)
 
     def start(self, source: EventSource) -> None:
         self._task = asyncio.ensure_future(self._follow(source))
 
     async def stop(self) -> None:
-        for t in [self._task, *self._oom_tasks]:
-            if t is not None:
-                t.cancel()
-        for t in [self._task, *self._oom_tasks]:
-            if t is not None:
-                try:
-                    await t
-                except (asyncio.CancelledError, Exception):
-                    pass
-        self._task = None
+        t, self._task = self._task, None
+        await _cancel(t)
+        await self.ooms.stop()
 
     async def _follow(self, source: EventSource) -> None:
         # The event stream itself may wait forever on a dead VM's channel, so it is raced
@@ -270,7 +335,7 @@ class GuestEventFollower:
             except Exception as e:
                 if source.lost.is_set():
                     return
-                log.warning("agent event stream failed (%s); resubscribing", e)
+                self._log.warning("resubscribe", "agent event stream failed (%s); resubscribing", e)
                 await asyncio.sleep(RESUBSCRIBE_DELAY_S)
 
     def on_event(self, e: AgentEvent) -> None:
@@ -279,7 +344,7 @@ class GuestEventFollower:
             return                     # replay after a resubscribe
         self.last_seq = e.seq
         if e.gap:
-            log.warning("agent event ring overflowed: some events were lost before seq %d", e.seq)
+            self._log.warning("gap", "agent event ring overflowed: some events were lost before seq %d", e.seq)
         c = self.containers.get(e.id)
         if c is None:
             return
@@ -288,13 +353,12 @@ class GuestEventFollower:
             if p is None or p.deleted or c.sequencer is None:
                 return
             if p.pid and e.pid and e.pid != p.pid:
-                log.warning("agent reported exit of pid %d for %s (pid %d): ignored", e.pid, p.name, p.pid)
+                self._log.warning("pid-mismatch", "agent reported exit of pid %d for %s (pid %d): ignored",
+                                  e.pid, p.name, p.pid)
                 return
             c.sequencer.submit(p, guest_exit(e.pid or p.pid, e.exit_status, e.exited_at_ns))
         elif e.kind == "oom":
-            t = asyncio.ensure_future(self.on_oom(e.id))
-            self._oom_tasks.add(t)
-            t.add_done_callback(self._oom_tasks.discard)
+            self.ooms.add(e.id)
 
     async def report_lost(self) -> None:
         """The agent is gone (VM died): every process that has not exited is reported exited with

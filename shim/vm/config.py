@@ -25,6 +25,8 @@ AGENT_PORT_NAME = "spinbox.agent"
 AGENT_VSOCK_PORT = 1024
 # vminitd prints `vminitd: ready in X.XXs (listening on ...)` once it serves the agent API
 DEFAULT_READY_MARKER = r"^vminitd: ready\b"
+DEFAULT_CONSOLE_LOG_MAX_BYTES = 4 << 20
+CONSOLE_LOG_MAX_BYTES_RANGE = (256 << 10, 1 << 30)
 
 ACCELS = ("auto", "kvm", "tcg")
 MACHINES = ("q35", "microvm")
@@ -78,6 +80,9 @@ class VMConfig:
     cmdline_extra: list[str] = field(default_factory=list)
     console_log: Path | None = None     # None: <state_dir>/console.log
     keep_console_log: bool = False      # keep it after stop() (debugging)
+    # the console file holds at most this (the newest output, in console.log + console.log.1):
+    # the guest writes its console at will, and the file is on a tmpfs
+    console_log_max_bytes: int = DEFAULT_CONSOLE_LOG_MAX_BYTES
     qemu_binary: str = DEFAULT_QEMU
     virtiofsd_binary: str = DEFAULT_VIRTIOFSD
     seccomp_sandbox: bool = True
@@ -168,6 +173,10 @@ class VMConfig:
             for arg in self.cmdline_extra:
                 if not isinstance(arg, str) or not arg or any(c.isspace() for c in arg):
                     raise err(key, f"each entry must be one non-empty word without spaces (got {arg!r})")
+        lo, hi = CONSOLE_LOG_MAX_BYTES_RANGE
+        v = self.console_log_max_bytes
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise err("console_log_max_bytes", f"must be an integer {lo}..{hi} (got {v!r})")
         if self.tcg_tb_size_mb is not None and not 1 <= self.tcg_tb_size_mb <= 4096:
             raise err("tcg_tb_size_mb", f"must be 1..4096 (got {self.tcg_tb_size_mb})")
         if self.ready_marker is not None:
@@ -214,7 +223,8 @@ class VMConfig:
 
 
 _PATH_KEYS = {"kernel", "initrd", "root_disk", "console_log"}
-_INT_KEYS = {"pci_hotplug_ports", "vcpus", "max_vcpus", "memory_mb", "max_memory_mb", "memory_slots", "vsock_port", "tcg_tb_size_mb"}
+_INT_KEYS = {"pci_hotplug_ports", "vcpus", "max_vcpus", "memory_mb", "max_memory_mb", "memory_slots", "vsock_port", "tcg_tb_size_mb",
+             "console_log_max_bytes"}
 _BOOL_KEYS = {"keep_console_log", "seccomp_sandbox", "rng", "die_with_parent"}
 
 

@@ -1,9 +1,11 @@
-"""Follow the guest's serial console that QEMU writes into a file.
+"""Follow the guest's serial console, which QEMU writes into a socket the shim reads.
 
-QEMU appends to the file and never blocks on it; we read it by polling (cheap: a stat and a
-read of the new bytes). Lines get a host timestamp (seconds since QEMU was exec'd) when we see
-them, which is what the boot timeline reports. Only the last `keep` lines stay in memory; the
-guest controls this output, so it is bounded, and an over-long line is cut.
+What arrives is `feed()` here (by the VM's `FdReader`, shim/vm/logsink.py): it goes into the
+bounded console file (`RotatingFile`) and into lines with a host timestamp (seconds since QEMU
+was exec'd) when we see them, which is what the boot timeline reports. Only the last `keep`
+lines stay in memory; the guest controls this output, so it is bounded, an over-long line is
+cut, and a chunk of many short lines costs only the last `keep` of them in Python objects.
+`poll()` reads what is already in the socket before a look, so a look is up to date.
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import asyncio
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+
+from .logsink import RotatingFile
 
 MAX_LINE = 4096
 
@@ -25,10 +29,12 @@ class ConsoleLine:
 
 
 class ConsoleLog:
-    def __init__(self, path: Path, t0: float, keep: int = 2000):
-        self.path = path
+    def __init__(self, t0: float, keep: int = 2000, *, file: RotatingFile | None = None,
+                 pull: Callable[[], None] | None = None):
         self.t0 = t0
-        self._pos = 0
+        self.keep = keep
+        self.file = file
+        self.pull = pull            # reads what is waiting in the socket now (into feed)
         self._partial = b""
         self._lines: deque[ConsoleLine] = deque(maxlen=keep)
         self._count = 0
@@ -37,28 +43,37 @@ class ConsoleLog:
     def line_count(self) -> int:
         return self._count
 
-    def poll(self) -> int:
-        """Read what QEMU appended since the last poll; returns the number of new lines."""
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._pos)
-                data = f.read(1 << 20)
-        except FileNotFoundError:
-            return 0
+    def feed(self, data: bytes) -> int:
+        """Console output as it arrived; returns the number of new lines."""
         if not data:
             return 0
-        self._pos += len(data)
+        if self.file is not None:
+            self.file.write(data)
         now = time.monotonic() - self.t0
-        chunks = (self._partial + data).split(b"\n")
+        total = data.count(b"\n")
+        # only the last `keep` lines can stay: split off no more than those
+        chunks = (self._partial + data).rsplit(b"\n", self.keep)
         self._partial = chunks.pop()
+        skipped = total - len(chunks)
+        if skipped > 0:
+            chunks.pop(0)           # the older lines, in one piece
+            self._count += skipped + 1
         if len(self._partial) > MAX_LINE:
             chunks.append(self._partial[:MAX_LINE])
             self._partial = b""
+            total += 1
         for raw in chunks:
             text = raw[:MAX_LINE].decode(errors="replace").rstrip("\r")
             self._lines.append(ConsoleLine(self._count, now, text))
             self._count += 1
-        return len(chunks)
+        return total
+
+    def poll(self) -> int:
+        """Take in what QEMU wrote that we have not read yet; returns the number of new lines."""
+        before = self._count
+        if self.pull is not None:
+            self.pull()
+        return self._count - before
 
     def lines(self, after: int = 0) -> list[ConsoleLine]:
         return [ln for ln in self._lines if ln.index >= after]

@@ -26,6 +26,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, cast
 
+from . import logsink
 from .machine import VM, VMError
 from .paths import check_tag
 from .qemu_args import HOTPLUG_PORT_PREFIX, VIRTIO_MEM_ID
@@ -241,6 +242,7 @@ class VirtioFSHandle(Handle):
     source: Path = Path()
     chardev_id: str = ""
     proc: asyncio.subprocess.Process | None = None
+    output: logsink.ChildOutput | None = None    # its log, bounded (it logs what the guest provokes)
 
     async def _release_backend(self) -> None:
         with contextlib.suppress(Exception):
@@ -257,6 +259,8 @@ class VirtioFSHandle(Handle):
         """virtiofsd exits by itself once QEMU disconnects; kill it if it does not."""
         p = self.proc
         if p is None:
+            if self.output is not None:
+                self.output.close()
             return
         if p.returncode is None:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -265,8 +269,11 @@ class VirtioFSHandle(Handle):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             await p.wait()
+        if self.output is not None:
+            self.output.close()
         self.vm.unregister_helper(f"virtiofsd-{self.tag}")
-        for f in (self.vm.paths.virtiofs_socket(self.tag), self.vm.paths.virtiofsd_log(self.tag)):
+        log_path = self.vm.paths.virtiofsd_log(self.tag)
+        for f in (self.vm.paths.virtiofs_socket(self.tag), log_path, logsink.rotated(log_path)):
             f.unlink(missing_ok=True)
 
 
@@ -311,10 +318,13 @@ async def add_virtiofs(vm: VM, source: str | os.PathLike[str], tag: str, *, cach
     try:
         argv = [vm.config.virtiofsd_binary, f"--socket-path={sock}", "-o", f"source={src}",
                 "-o", f"cache={cache}", "-o", "xattr" if xattr else "no_xattr"]
-        with open(vm.paths.virtiofsd_log(tag), "wb") as out:
+        handle.output = logsink.ChildOutput(vm.paths.virtiofsd_log(tag), logsink.VIRTIOFSD_LOG_MAX_BYTES)
+        try:
             handle.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                process_group=0)
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=handle.output.child_fd,
+                stderr=asyncio.subprocess.STDOUT, process_group=0)
+        finally:
+            handle.output.started()
         vm.register_helper(f"virtiofsd-{tag}", handle.proc.pid, str(sock))
         vm.add_cleanup(f"virtiofsd {tag}", handle.stop_daemon)
         # The socket file exists from bind() on, before virtiofsd listens: wait for listen(),
@@ -323,7 +333,9 @@ async def add_virtiofs(vm: VM, source: str | os.PathLike[str], tag: str, *, cach
         deadline = time.monotonic() + start_timeout
         while not unix_socket_listening(sock):
             if handle.proc.returncode is not None or time.monotonic() > deadline:
-                out_tail = vm.paths.virtiofsd_log(tag).read_text(errors="replace")[-2000:]
+                if handle.proc.returncode is not None:
+                    await handle.output.wait_eof(0.5)
+                out_tail = "\n".join(handle.output.tail(20))[-2000:]
                 raise DeviceError(f"virtiofsd for {tag!r} is not listening on {sock} "
                                   f"(exit status {handle.proc.returncode}): {out_tail}")
             await asyncio.sleep(0.005)

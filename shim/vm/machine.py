@@ -34,25 +34,27 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
 from qemu.qmp.protocol import Runstate
 
 from spinbox.shim import releasers
 from spinbox.shim.errors import HostError
 
 from . import accel as accel_mod
+from . import logsink
 from . import procinfo
 from .cid import DEFAULT_RUNTIME_DIR, CIDLease, allocate_cid
 from .config import VMConfig
 from .console import ConsoleLog
 from .paths import VMPaths
 from .qemu_args import Resolved, TemplateArgv, build_argv
+from .qmp import QMPClient
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +118,6 @@ class VMExit:
     t: float             # host seconds since QEMU exec
 
 
-def _tail_file(path: Path, n: int = 20, max_bytes: int = 16384) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return []
-    return [ln.decode(errors="replace").rstrip("\r") for ln in data.splitlines()[-n:]]
-
-
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -153,6 +143,8 @@ class VM:
         self._t0 = 0.0
         self.timeline: dict[str, float] = {}
         self.console: ConsoleLog | None = None
+        self._console_reader: logsink.FdReader | None = None
+        self._qemu_output: logsink.ChildOutput | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._exit_task: asyncio.Task[VMExit] | None = None
         self._stop_task: asyncio.Task[VMExit | None] | None = None
@@ -278,27 +270,62 @@ class VM:
         for p in (self.paths.qmp_socket, self.paths.agent_socket, self.paths.pidfile):
             p.unlink(missing_ok=True)  # stale ones from an earlier VM in this dir
         if self.transport.value == "vsock":
-            self._cid = allocate_cid(self._cid_runtime_dir)
+            self._cid = allocate_cid(self._cid_runtime_dir, qemu_binaries=(c.qemu_binary,))
 
     async def _exec(self) -> None:
+        # the console: a socketpair, QEMU's end inherited; ours read on the loop into the
+        # bounded console file (the guest writes it at will, logsink's docstring)
+        ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = build_argv(self.config, self.paths,
                           Resolved(self.accel.value, self.transport.value, self.cid),  # type: ignore[union-attr]
-                          name=self.name, template=self.template)
+                          name=self.name, template=self.template, console_fd=qemus.fileno())
         log.debug("vm %s: exec %s", self.name, " ".join(argv))
+        self._close_logs()             # a retried boot's
         self.paths.console_log.parent.mkdir(parents=True, exist_ok=True)
-        self.paths.console_log.write_bytes(b"")  # QEMU appends; start from an empty file
-        with open(self.paths.qemu_log, "wb") as out:
+        console_file = logsink.RotatingFile(self.paths.console_log, self.config.console_log_max_bytes)
+        self._qemu_output = logsink.ChildOutput(self.paths.qemu_log, logsink.QEMU_LOG_MAX_BYTES)
+        pass_fds = (qemus.fileno(), *(self.restore.pass_fds if self.restore else ()))
+        try:
             self._t0 = time.monotonic()
             self._proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=self._qemu_output.child_fd,
+                stderr=asyncio.subprocess.STDOUT,
                 process_group=0,  # our signals (Ctrl-C to the shim's group) never reach it
-                pass_fds=self.restore.pass_fds if self.restore else (),
+                pass_fds=pass_fds,
                 preexec_fn=procinfo.set_pdeathsig if self.config.die_with_parent else None)
+        except BaseException:
+            ours.close()
+            console_file.close()
+            raise
+        finally:
+            qemus.close()              # QEMU's now: its exit is our EOF
+            self._qemu_output.started()
         self.timeline = {"qemu_exec": 0.0}
         self._pid_start = procinfo.start_time(self._proc.pid)
-        self.console = ConsoleLog(self.paths.console_log, self._t0)
+        console = ConsoleLog(self._t0, file=console_file)
+        self._console_reader = logsink.FdReader(ours.detach(), console.feed, on_eof=console_file.close)
+        console.pull = self._console_reader.read_available
+        self.console = console
         self._persist()
         self._exit_task = asyncio.create_task(self._watch_process(), name=f"vm-{self.name}-wait")
+
+    def qemu_log_tail(self, n: int = 20) -> list[str]:
+        if self._qemu_output is not None:
+            return self._qemu_output.tail(n)
+        return logsink.tail_lines(self.paths.qemu_log, n)
+
+    async def _drain_logs(self, timeout: float = 0.5) -> None:
+        """After QEMU is gone: take in the last of its console and output (bounded)."""
+        for reader in (self._console_reader, self._qemu_output.reader if self._qemu_output else None):
+            if reader is not None:
+                await reader.wait_eof(timeout)
+
+    def _close_logs(self) -> None:
+        if self._console_reader is not None:
+            self._console_reader.read_available()
+            self._console_reader.close()
+        if self._qemu_output is not None:
+            self._qemu_output.close()
 
     async def _reset_for_retry(self) -> None:
         """Throw away a hung attempt (QEMU, QMP, watchers) but keep the CID and state dir."""
@@ -341,12 +368,13 @@ class VM:
 
     def _owned_files(self) -> list[Path]:
         p = self.paths
-        files = [p.qmp_socket, p.agent_socket, p.pidfile, p.qemu_log, p.state_file]
+        rotated = logsink.rotated
+        files = [p.qmp_socket, p.agent_socket, p.pidfile, p.qemu_log, rotated(p.qemu_log), p.state_file]
         if not self.config.keep_console_log:
-            files.append(p.console_log)
+            files += [p.console_log, rotated(p.console_log)]
         for key in self._helpers:      # keys are "virtiofsd-<tag>" (devices.add_virtiofs)
             tag = key.removeprefix("virtiofsd-")
-            files += [p.virtiofs_socket(tag), p.virtiofsd_log(tag)]
+            files += [p.virtiofs_socket(tag), p.virtiofsd_log(tag), rotated(p.virtiofsd_log(tag))]
         return files
 
     async def _watch_process(self) -> VMExit:
@@ -507,9 +535,9 @@ class VM:
                 return r
             if status in ("failed", "cancelled"):
                 raise VMError(f"{what} {status}: {r.get('error-desc', 'no reason given')}; "
-                              f"QEMU log: {' | '.join(_tail_file(self.paths.qemu_log, 5))}")
+                              f"QEMU log: {' | '.join(self.qemu_log_tail(5))}")
             if not self.alive:
-                raise VMError(f"QEMU exited during {what}: {' | '.join(_tail_file(self.paths.qemu_log, 5))}")
+                raise VMError(f"QEMU exited during {what}: {' | '.join(self.qemu_log_tail(5))}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what} not completed in time (status {status})")
             await asyncio.sleep(delay)
@@ -556,8 +584,9 @@ class VM:
         if self.alive:
             self._kill_group()
         await self._reap()
+        await self._drain_logs()
         console_tail = self.console.tail(25) if self.console else []
-        qemu_tail = _tail_file(self.paths.qemu_log, 15)
+        qemu_tail = self.qemu_log_tail(15)
         timeline = dict(self.timeline)
         rc = self._proc.returncode if self._proc else None
         await self._release()
@@ -665,6 +694,9 @@ class VM:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        with contextlib.suppress(Exception):
+            await self._drain_logs(0.2)
+        self._close_logs()
         while self._cleanups:
             what, fn = self._cleanups.pop()
             try:
@@ -732,7 +764,7 @@ def kill_from_state(state_dir: str | os.PathLike[str], *, timeout: float = 5.0,
                 done.append(f"released CID {st.get('cid')}")
     for f in st.get("files") or []:
         p = Path(f)
-        if p.parent != d or (keep_console_log and p.name == "console.log"):
+        if p.parent != d or (keep_console_log and p.name in ("console.log", "console.log.1")):
             continue  # never delete outside the state dir, whatever the file says
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

@@ -12,7 +12,10 @@ What is on it and why:
 - QMP on a unix socket (server, no wait) for control and hot-plug; `-pidfile` for crash cleanup.
 - The agent channel: a virtserialport named `spinbox.agent` bridged to `<state>/agent.sock`, or
   vhost-vsock with the allocated CID.
-- The serial console into a file: QEMU never blocks on it, and it survives us for debugging.
+- The serial console into a socket the shim reads (`console_fd`, one end of a socketpair QEMU
+  inherits): the shim keeps a bounded copy (shim/vm/logsink.py), and QEMU never blocks on it
+  (a full socket makes the serial device retry, then drop). Without `console_fd` (argv tests),
+  a file, as QEMU writes it: unbounded.
 - guest RAM from a memfd with share=on so vhost-user devices (virtiofsd) can map it; the
   virtio-mem device (hot-plug room) uses the same kind of backend.
 - `-sandbox on,...` seccomp: QEMU may not exec, setuid, change scheduling or use obsolete calls.
@@ -96,8 +99,14 @@ def virtio_device(config: VMConfig, kind: str) -> str:
     return f"{kind}-pci" if _is_pci(config) else f"{kind}-device"
 
 
+def console_chardev(paths: VMPaths, console_fd: int | None) -> str:
+    if console_fd is None:
+        return f"file,id=console,path={qopt(paths.console_log)}"
+    return f"socket,id=console,fd={console_fd},server=off"
+
+
 def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str = "spinbox",
-               template: TemplateArgv | None = None) -> list[str]:
+               template: TemplateArgv | None = None, console_fd: int | None = None) -> list[str]:
     if resolved.accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be resolved to kvm or tcg (got {resolved.accel!r})")
     if resolved.transport not in ("vsock", "virtio-serial"):
@@ -156,7 +165,7 @@ def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str =
         "-pidfile", str(paths.pidfile),
         "-chardev", f"socket,id=qmp,path={qopt(paths.qmp_socket)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-chardev", f"file,id=console,path={qopt(paths.console_log)}",
+        "-chardev", console_chardev(paths, console_fd),
         "-serial", "chardev:console",
     ]
     if resolved.transport == "virtio-serial":

@@ -23,7 +23,8 @@ NON_DEFAULT = {
     "cpu_hotplug": {"vcpus": 2, "max_vcpus": 6},
     "memory_hotplug": {"memory_mb": 512, "max_memory_mb": 1024, "slots": 8, "backend": "pc-dimm"},
     "guest": {"kernel": "/opt/k/vmlinux", "image": "/opt/k/image.json",
-              "kernel_cmdline_extra": ["foo=1", "bar"], "debug_console": True},
+              "kernel_cmdline_extra": ["foo=1", "bar"], "debug_console": True,
+              "console_log_max_mb": 16},
 }
 
 
@@ -198,7 +199,7 @@ def test_vm_config_carries_every_vm_key(tmp_path):
         "timeouts": {"boot_s": 77, "shutdown_s": 4},
         "cpu_hotplug": {"vcpus": 2, "max_vcpus": 5},
         "memory_hotplug": {"memory_mb": 512, "max_memory_mb": 1024, "slots": 3, "backend": "pc-dimm"},
-        "guest": {"kernel_cmdline_extra": ["foo=1"], "debug_console": True},
+        "guest": {"kernel_cmdline_extra": ["foo=1"], "debug_console": True, "console_log_max_mb": 2},
     })
     vm = c.vm_config(cfg)
     assert vm.kernel == share / "vmlinux" and vm.initrd == share / "initrd.img"
@@ -210,6 +211,7 @@ def test_vm_config_carries_every_vm_key(tmp_path):
     assert (vm.qemu_binary, vm.virtiofsd_binary) == ("/opt/q/qemu", "/opt/q/vfsd")
     assert vm.timeouts.boot_s == 77 and vm.timeouts.shutdown_grace_s == 4
     assert vm.cmdline_extra == ["spinbox.oci_runtime=crun", "foo=1", "loglevel=7"] and vm.keep_console_log is True
+    assert vm.console_log_max_bytes == 2 << 20
     assert c.vm_config(cfg, vcpus=3).vcpus == 3      # sizing overrides win
 
 
