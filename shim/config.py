@@ -125,6 +125,13 @@ class GuestConfig:
 
 
 @dataclass(frozen=True)
+class ConfinementConfig:
+    # shim/vm/confine.py, docs/security.md: on by default
+    qemu_rlimits: bool = True           # QEMU: RLIMIT_CORE 0, RLIMIT_NOFILE 4096
+    virtiofsd_hardening: bool = True    # virtiofsd: sandbox=namespace, -mknod -setfcap
+
+
+@dataclass(frozen=True)
 class SpinboxConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -133,6 +140,7 @@ class SpinboxConfig:
     cpu_hotplug: CPUHotplugConfig = field(default_factory=CPUHotplugConfig)
     memory_hotplug: MemoryHotplugConfig = field(default_factory=MemoryHotplugConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
+    confinement: ConfinementConfig = field(default_factory=ConfinementConfig)
     # where the values came from (files read, "options"), for logs and error messages
     sources: tuple[str, ...] = field(default=(), compare=False)
 
@@ -162,7 +170,8 @@ class SpinboxConfig:
 # (dataclass field types are strings under `from __future__ import annotations`: map by hand)
 _SECTION_TYPES = {"paths": PathsConfig, "runtime": RuntimeConfig, "timeouts": TimeoutsConfig,
                   "network": NetworkConfig, "cpu_hotplug": CPUHotplugConfig,
-                  "memory_hotplug": MemoryHotplugConfig, "guest": GuestConfig}
+                  "memory_hotplug": MemoryHotplugConfig, "guest": GuestConfig,
+                  "confinement": ConfinementConfig}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +460,8 @@ def vm_config(cfg: SpinboxConfig, **overrides: Any):
         keep_console_log=cfg.guest.debug_console,
         console_log_max_bytes=cfg.guest.console_log_max_mb << 20,
         timeouts=VMTimeouts(boot_s=cfg.timeouts.boot_s, shutdown_grace_s=cfg.timeouts.shutdown_s),
+        qemu_rlimits=cfg.confinement.qemu_rlimits,
+        virtiofsd_hardening=cfg.confinement.virtiofsd_hardening,
     )
     kw.update(overrides)
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ from spinbox.api import types as api_types
 from spinbox.api._pb.containerd.events import task_pb2 as ev
 
 from . import rootfs as rootfs_mod
+from . import sizing
 from . import spec as spec_mod
 from .agent import AgentClient, ProcessInfo, Stats
-from .errors import (AlreadyExists, FailedPrecondition, GuestProtocolError, HostError, InvalidArgument,
+from .agent.records import ProcessState as GuestProcessState
+from .errors import (AlreadyExists, FailedPrecondition, GuestProtocolError, GuestUnavailable, HostError, InvalidArgument,
                      NotFound)
 from .exits import ExitSequencer, GuestEventFollower, TaskEvents, drain_output, guest_exit
 from .process import Container, ExitInfo, Process, StdioPaths
@@ -56,6 +59,10 @@ def json_any(value: any_pb2.Any, expected_url: str, what: str) -> bytes:
     return value.value
 
 
+def _describe(size: sizing.Size | None) -> str:
+    return size.describe() if size is not None else "(not a VM)"
+
+
 class ContainerManager:
     def __init__(self, sandbox_factory: SandboxFactory, events: TaskEvents, *,
                  state: State | None = None, agent_timeout: float = contract.AGENT_CALL_TIMEOUT_S,
@@ -71,8 +78,13 @@ class ContainerManager:
         self._creating: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._sandbox_lock = asyncio.Lock()
-        self.follower = GuestEventFollower(self.containers, self._publish_oom, lambda: self.closing)
+        self.follower = GuestEventFollower(self.containers, self._publish_oom, lambda: self.closing,
+                                           query_state=self._guest_state)
         self.timelines = Timelines()
+        self._needs: dict[str, sizing.Need] = {}     # per container: what it asks of the VM
+        self._pod_need = sizing.Need()                # CRI pod annotations (first container)
+        self._size_lock = asyncio.Lock()
+        self._size: sizing.Size | None = None         # the sandbox's size, confirmed by the guest
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -122,6 +134,12 @@ class ContainerManager:
         await self.events.exit(p, info)
         if not p.exec_id:
             self.timelines.mark(p.container_id, "exit")
+
+    async def _guest_state(self, id: str, exec_id: str) -> GuestProcessState:
+        """A process's state in the guest (the follower asks after an event gap)."""
+        if self.sandbox is None:
+            raise GuestUnavailable("no sandbox")
+        return await self.sandbox.agent_client.state(id, exec_id, timeout=self.agent_timeout)
 
     async def _publish_oom(self, container_id: str) -> None:
         await self.events.publish(container_id, "/tasks/oom", ev.TaskOOM(container_id=container_id))
@@ -196,6 +214,7 @@ class ContainerManager:
                       stdio: StdioPaths, mounts: list[rootfs_mod.MountSpec]) -> Container:
         spec = spec_mod.load_spec(bundle / "config.json")
         binds = spec_mod.plan_binds(spec)
+        need = sizing.need_of_spec(spec)            # bad sizing annotations fail before anything
         c = Container(id, str(bundle), stdio)
 
         await self._mount_rootfs(c, bundle, mounts, spec_mod.root_readonly(spec),
@@ -209,6 +228,10 @@ class ContainerManager:
         self.timelines.mark(id, "sandbox", sb.start_kind if starting else "running")
         if starting and "network" in sb.marks:
             self.timelines.mark(id, "network", at=sb.marks["network"])
+        if starting:
+            self._pod_need = sizing.pod_need_of_spec(spec)
+        await self._fit(sb, id, need)
+        undo.callback(self._needs.pop, id, None)
         guest_root = await sb.share_rootfs(id, c.rootfs.path if c.rootfs else bundle / "rootfs")
         shared = await sb.share_binds(id, binds)
         self.timelines.mark(id, "shared")
@@ -233,6 +256,34 @@ class ContainerManager:
         c.sequencer = self._sequencer(c)
         self._attach_stdio(agent, c.init)
         return c
+
+    # --- sizing ---------------------------------------------------------------------------
+
+    def _target(self, sb: Sandbox, needs: dict[str, sizing.Need]) -> sizing.Size | None:
+        """The sandbox's size for these containers' needs; over a ceiling: SizingError."""
+        sz = sb.sizing()
+        if sz is None:
+            return None
+        base, limits = sz
+        want = sizing.target(base, needs.values(), self._pod_need)
+        sizing.check(want, limits, base)
+        return want
+
+    async def _fit(self, sb: Sandbox, id: str, need: sizing.Need) -> None:
+        """Grow the VM so that a new container fits beside the others (create never shrinks)."""
+        async with self._size_lock:
+            needs = {**self._needs, id: need}
+            want = self._target(sb, needs)
+            if want is not None and (self._size is None or want.vcpus > self._size.vcpus
+                                     or want.memory_mb > self._size.memory_mb):
+                t = time.monotonic()
+                got = await sb.resize(sizing.Size(max(want.vcpus, self._size.vcpus if self._size else 0),
+                                                  max(want.memory_mb, self._size.memory_mb if self._size else 0)))
+                self._size = got
+                if got is not None:
+                    log.info("%s: sandbox sized to %s in %.2f s", id, got.describe(), time.monotonic() - t)
+                    self.timelines.mark(id, "sized", f"{got.vcpus}cpu/{got.memory_mb}MiB")
+            self._needs[id] = need
 
     async def start(self, c: Container, p: Process) -> int:
         """Start the init or an exec. The caller publishes the start event and then calls
@@ -344,6 +395,7 @@ class ContainerManager:
             raise HostError(f"container {c.id}: unmounting the rootfs failed: {e}") from None
         del self.containers[c.id]
         self._locks.pop(c.id, None)
+        self._needs.pop(c.id, None)        # the VM is not shrunk for it: the next Update may
         self.timelines.mark(c.id, "deleted")
         if self.state is not None:
             try:
@@ -374,7 +426,32 @@ class ContainerManager:
         if not c.init.allows("update"):
             raise FailedPrecondition(f"container {c.id} is stopped")
         raw = json_any(resources, api_types.OCI_LINUX_RESOURCES_TYPE_URL, "update resources")
-        await self._agent().update(c.id, raw, timeout=self.agent_timeout)
+        asked = sizing.need_of_resources(spec_mod.parse_json_object(raw, "update resources"))
+        async with self._size_lock:
+            sb = self.sandbox
+            old = self._needs.get(c.id, sizing.Need())
+            need = sizing.Need(asked.vcpus if asked.vcpus is not None else old.vcpus,
+                               asked.memory_mb if asked.memory_mb is not None else old.memory_mb)
+            want = self._target(sb, {**self._needs, c.id: need}) if sb is not None else None
+            if sb is None or want is None:
+                await self._agent().update(c.id, raw, timeout=self.agent_timeout)
+                return
+            # grow first (confirmed by the guest), then the cgroup, then give back what is
+            # no longer needed: the container never has a limit the VM cannot hold
+            t = time.monotonic()
+            have = self._size
+            grow = want if have is None else sizing.Size(max(have.vcpus, want.vcpus),
+                                                         max(have.memory_mb, want.memory_mb))
+            if grow != have:
+                self._size = await sb.resize(grow)
+                log.info("%s: update: sandbox grown to %s in %.2f s (confirmed by the guest)",
+                         c.id, _describe(self._size), time.monotonic() - t)
+            await self._agent().update(c.id, raw, timeout=self.agent_timeout)
+            self._needs[c.id] = need
+            if self._size is not None and want != self._size:      # less is needed now
+                self._size = await sb.resize(want)
+                log.info("%s: update: sandbox now %s (wanted %s)", c.id, _describe(self._size),
+                         want.describe())
 
     async def stats(self, c: Container) -> Stats:
         return await self._agent().stats(c.id, timeout=self.agent_timeout)

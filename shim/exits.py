@@ -33,6 +33,7 @@ from spinbox.api import contract
 from spinbox.api._pb.containerd.events import task_pb2 as ev
 
 from .agent import AgentEvent
+from .agent.records import ProcessState
 from .process import Container, ExitInfo, Process
 from .ratelimit import LogThrottle, TokenBucket
 
@@ -42,6 +43,8 @@ START_EVENT_TIMEOUT = 10.0      # an exit waits at most this long for its start 
 DRAIN_TIMEOUT = 30.0            # ... for its output to reach the FIFOs
 EXEC_EXITS_BEFORE_INIT = 5.0    # ... the init's exit for the exits of running execs
 RESUBSCRIBE_DELAY_S = 0.5
+RECONCILE_INTERVAL_S = 1.0      # after an event gap, the guest's process states at most this often
+RECONCILE_CALL_TIMEOUT_S = 5.0  # ... each State call bounded
 OOM_RATE = 5.0                  # /tasks/oom per second per sandbox, after a burst of
 OOM_BURST = 20
 
@@ -285,18 +288,31 @@ class OOMReports:
         self._pending.clear()
 
 
+QueryState = Callable[[str, str], Awaitable[ProcessState]]
+
+
 class GuestEventFollower:
     """Follows one sandbox's guest events for the containers in `containers` (see the module
     docstring). `on_oom(container_id)` publishes an OOM; `closing()` tells a lost sandbox from
-    one we are stopping on purpose."""
+    one we are stopping on purpose.
+
+    A `gap` (the guest's event ring overflowed, e.g. under an OOM flood) may have swallowed
+    exits, and a Wait would then never return: so after a gap the guest is asked for the state
+    of every process whose exit has not arrived (`query_state`), at most once per
+    RECONCILE_INTERVAL_S by one task, and a stopped one is reported as its exit event would
+    have been. Gaps themselves cost nothing more: they only wake that task."""
 
     def __init__(self, containers: Mapping[str, Container], on_oom: Callable[[str], Awaitable[None]],
-                 closing: Callable[[], bool]) -> None:
+                 closing: Callable[[], bool], query_state: QueryState | None = None) -> None:
         self.containers = containers
         self.on_oom = on_oom
         self.closing = closing
+        self.query_state = query_state
         self.last_seq = 0
         self._task: asyncio.Task[None] | None = None
+        self._reconcile_wanted = asyncio.Event()
+        self._reconciler: asyncio.Task[None] | None = None
+        self.reconciled = 0             # exits recovered after gaps (for tests and the log)
         self._log = LogThrottle(log)        # lines the guest's events cause, per message
         self.ooms = OOMReports(on_oom, throttle=self._log)
 
@@ -306,7 +322,42 @@ class GuestEventFollower:
     async def stop(self) -> None:
         t, self._task = self._task, None
         await _cancel(t)
+        r, self._reconciler = self._reconciler, None
+        await _cancel(r)
         await self.ooms.stop()
+
+    def _want_reconcile(self) -> None:
+        if self.query_state is None:
+            return
+        self._reconcile_wanted.set()
+        if self._reconciler is None or self._reconciler.done():
+            self._reconciler = asyncio.ensure_future(self._reconcile_loop())
+
+    async def _reconcile_loop(self) -> None:
+        while self._reconcile_wanted.is_set():
+            self._reconcile_wanted.clear()
+            await self.reconcile()
+            await asyncio.sleep(RECONCILE_INTERVAL_S)   # gaps meanwhile: one more pass, later
+
+    async def reconcile(self) -> None:
+        """Ask the guest about every process whose exit has not arrived; report the stopped."""
+        assert self.query_state is not None
+        for c in list(self.containers.values()):
+            for p in c.processes():
+                if not p.allows("kill") or p.deleted or c.sequencer is None or not p.pid:
+                    continue
+                try:
+                    st = await asyncio.wait_for(self.query_state(c.id, p.exec_id), RECONCILE_CALL_TIMEOUT_S)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    self._log.warning("reconcile", "after an event gap, the state of %s is unknown: %s", p.name, e)
+                    continue
+                if st.status_name == "stopped" and p.allows("kill"):
+                    log.info("%s: its exit was lost in an event gap; reported from its state (status %d)",
+                             p.name, st.exit_status)
+                    self.reconciled += 1
+                    c.sequencer.submit(p, guest_exit(st.pid or p.pid, st.exit_status, st.exited_at_ns))
 
     async def _follow(self, source: EventSource) -> None:
         # The event stream itself may wait forever on a dead VM's channel, so it is raced
@@ -345,6 +396,7 @@ class GuestEventFollower:
         self.last_seq = e.seq
         if e.gap:
             self._log.warning("gap", "agent event ring overflowed: some events were lost before seq %d", e.seq)
+            self._want_reconcile()
         c = self.containers.get(e.id)
         if c is None:
             return

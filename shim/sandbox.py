@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from spinbox.api.contract import SHARES_ROOT
 
 from . import binds as binds_mod
+from . import resize as resize_mod
 from .agent import AgentClient, AgentEvent, Mount
 from .errors import FailedPrecondition, GuestUnavailable, HostError
 from .guest import Guest
 from .network.plan import guest_hostname
+from .sizing import Limits, Size
 from .spec import BindMount
 from .states import SandboxMachine, SandboxState
 from .state import State
@@ -144,6 +146,16 @@ class Sandbox:
     async def unshare(self, container_id: str) -> None:
         """Release everything shared for the container (after its Delete)."""
 
+    # --- sizing (shim.sizing, shim.resize) -------------------------------------------------
+
+    def sizing(self) -> tuple[Size, Limits] | None:
+        """(base size, ceilings) of a sandbox that can be resized; None: not a VM."""
+        return None
+
+    async def resize(self, want: Size) -> Size | None:
+        """Grow (or shrink) to `want`; the size the guest confirmed. None: not a VM."""
+        return None
+
 
 class LocalSandbox(Sandbox):
     """vminitd as a host process (no VM)."""
@@ -244,6 +256,7 @@ class VMSandbox(Sandbox):
         self._handles: dict[str, list[devices.Handle]] = {}
         self._n = 0
         self._watch: asyncio.Task[None] | None = None
+        self._resizer: resize_mod.VMResizer | None = None
 
     async def _start(self, spec: dict[str, Any]) -> None:
         """Boot the VM while the host side of the network is set up (both take their own time:
@@ -355,6 +368,16 @@ class VMSandbox(Sandbox):
             except Exception as e:
                 log.warning("sandbox %s: releasing the binds of %s: %s (left for delete)",
                             self.id, container_id, e)
+
+    def sizing(self) -> tuple[Size, Limits] | None:
+        vm = self._guest.vm
+        return resize_mod.base_of(vm), resize_mod.limits_of(vm)
+
+    async def resize(self, want: Size) -> Size:
+        self.machine.require(SandboxState.READY)
+        if self._resizer is None:
+            self._resizer = resize_mod.VMResizer(self._guest.vm, self.agent_client)
+        return await self._resizer.resize(want)
 
     async def _stop(self) -> None:
         if self._watch is not None:

@@ -6,7 +6,8 @@
 
 Marks, in the order a `ctr run` passes them: rootfs (mounted on the host), network (the host
 side of the sandbox network ready), sandbox (ready: how it started, "cold" or "running" when
-it already was), shared (rootfs and binds attached to the VM), created (in the guest), started,
+it already was), sized (the VM hot-plugged to the workload's size and the guest confirmed
+it: shim.sizing; note `<vcpus>cpu/<MiB>MiB`), shared (rootfs and binds attached to the VM), created (in the guest), started,
 exit (published), deleted, vm_stopped.
 
 Marks are seconds on the monotonic clock since the container manager was built (the daemon is

@@ -59,6 +59,15 @@ def oci_runtime(cmdline: dict[str, str]) -> str:
     return name
 
 
+def _hostile_wrap(cmdline: dict[str, str]):
+    """The test-only hostile agent (vminitd/hostile.py), when the kernel command line asks."""
+    if "spinbox.hostile" not in cmdline:
+        return None
+    from . import hostile
+    active = hostile.modes(cmdline)
+    return lambda impls, agent: hostile.wrap(impls, agent, active)
+
+
 def main(argv: list[str] | None = None) -> int:
     pid1 = os.getpid() == 1
     args = _parse(argv if argv is not None else sys.argv[1:])
@@ -100,7 +109,8 @@ async def _amain(args: SimpleNamespace, pid1: bool) -> int:
         power.update(reboot=reboot, off=True)
         stop.set()
 
-    server = AgentServer(make_agent, on_shutdown=request_power_off if pid1 else None)
+    server = AgentServer(make_agent, on_shutdown=request_power_off if pid1 else None,
+                         wrap=_hostile_wrap(_init.cmdline()) if pid1 else None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 

@@ -118,9 +118,11 @@ class _Liveness:
 class AgentServer:
     """`make_agent()` builds the Agent; it runs once, on first need (see the module doc)."""
 
-    def __init__(self, make_agent: Callable[[], Any], on_shutdown=None) -> None:
+    def __init__(self, make_agent: Callable[[], Any], on_shutdown=None,
+                 wrap: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None) -> None:
         self.agent = None
         self._make_agent = make_agent
+        self._wrap = wrap          # the servicers, changed (a test's hostile agent, vminitd/hostile.py)
         self._on_shutdown = on_shutdown
         self._impls: dict[str, Any] | None = None
         self._liveness = _Liveness()
@@ -146,6 +148,8 @@ class AgentServer:
                 "System": SystemService(agent, self._on_shutdown),
                 "Network": NetworkService(agent),
             }
+            if self._wrap is not None:
+                impls = self._wrap(impls, agent)
             for module, name in SERVICES:   # a missing method fails here, not on its first call
                 for m in module.DESCRIPTOR.services_by_name[name].methods:
                     if not (name == "System" and hasattr(self._liveness, m.name)):

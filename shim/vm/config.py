@@ -86,6 +86,10 @@ class VMConfig:
     qemu_binary: str = DEFAULT_QEMU
     virtiofsd_binary: str = DEFAULT_VIRTIOFSD
     seccomp_sandbox: bool = True
+    # shim/vm/confine.py: QEMU with RLIMIT_CORE 0 and a bounded RLIMIT_NOFILE; virtiofsd with
+    # an explicit namespace sandbox, CAP_MKNOD/CAP_SETFCAP dropped
+    qemu_rlimits: bool = True
+    virtiofsd_hardening: bool = True
     rng: bool = True                    # virtio-rng: the guest's CRNG is ready at once
     tcg_tb_size_mb: int | None = None   # TCG translation cache size (trims idle RSS a little)
     # QEMU gets SIGKILL when the process that started it dies (PR_SET_PDEATHSIG)
@@ -225,7 +229,8 @@ class VMConfig:
 _PATH_KEYS = {"kernel", "initrd", "root_disk", "console_log"}
 _INT_KEYS = {"pci_hotplug_ports", "vcpus", "max_vcpus", "memory_mb", "max_memory_mb", "memory_slots", "vsock_port", "tcg_tb_size_mb",
              "console_log_max_bytes"}
-_BOOL_KEYS = {"keep_console_log", "seccomp_sandbox", "rng", "die_with_parent"}
+_BOOL_KEYS = {"keep_console_log", "seccomp_sandbox", "rng", "die_with_parent", "qemu_rlimits",
+              "virtiofsd_hardening"}
 
 
 def _coerce(key: str, name: str, value: Any) -> Any:

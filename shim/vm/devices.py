@@ -26,7 +26,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, cast
 
-from . import logsink
+from . import confine, logsink
 from .machine import VM, VMError
 from .paths import check_tag
 from .qemu_args import HOTPLUG_PORT_PREFIX, VIRTIO_MEM_ID
@@ -318,6 +318,8 @@ async def add_virtiofs(vm: VM, source: str | os.PathLike[str], tag: str, *, cach
     try:
         argv = [vm.config.virtiofsd_binary, f"--socket-path={sock}", "-o", f"source={src}",
                 "-o", f"cache={cache}", "-o", "xattr" if xattr else "no_xattr"]
+        if vm.config.virtiofsd_hardening:
+            argv += confine.virtiofsd_hardening_args()
         handle.output = logsink.ChildOutput(vm.paths.virtiofsd_log(tag), logsink.VIRTIOFSD_LOG_MAX_BYTES)
         try:
             handle.proc = await asyncio.create_subprocess_exec(

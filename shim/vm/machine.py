@@ -47,6 +47,7 @@ from spinbox.shim import releasers
 from spinbox.shim.errors import HostError
 
 from . import accel as accel_mod
+from . import confine
 from . import logsink
 from . import procinfo
 from .cid import DEFAULT_RUNTIME_DIR, CIDLease, allocate_cid
@@ -292,7 +293,10 @@ class VM:
                 stderr=asyncio.subprocess.STDOUT,
                 process_group=0,  # our signals (Ctrl-C to the shim's group) never reach it
                 pass_fds=pass_fds,
-                preexec_fn=procinfo.set_pdeathsig if self.config.die_with_parent else None)
+                # confinement (shim/vm/confine.py): no core dumps of guest RAM, bounded fds
+                preexec_fn=confine.compose_preexec(
+                    procinfo.set_pdeathsig if self.config.die_with_parent else None,
+                    (lambda: confine.set_rlimits(confine.qemu_rlimits())) if self.config.qemu_rlimits else None))
         except BaseException:
             ours.close()
             console_file.close()

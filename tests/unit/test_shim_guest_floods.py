@@ -405,3 +405,25 @@ async def test_a_waited_for_qmp_event_arrives_through_a_flood(tmp_path):
         await client.disconnect()
         server.close()
         await server.wait_closed()
+
+
+async def test_an_exit_lost_in_an_event_gap_is_recovered_from_the_guest_state(box, monkeypatch):
+    """The guest's ring overflowed (a flood) and took c1's exit with it: after the gap the
+    follower asks the guest, and the exit reaches containerd with its real status."""
+    from spinbox.shim.agent.records import ProcessState
+
+    monkeypatch.setattr(exits, "RECONCILE_INTERVAL_S", 0.01)
+    await box.run("c1")
+    pid = box.agent.procs[("c1", "")].pid
+    asked: list[tuple[str, str]] = []
+
+    async def state(id: str, exec_id: str = "", **kw) -> ProcessState:
+        asked.append((id, exec_id))
+        return ProcessState(id, exec_id, pid, 3, False, 5, time.time_ns(), False, False, False)
+
+    box.agent.state = state
+    for s in box.agent.outputs:
+        s.end()
+    box.agent.push("oom", "c1", gap=True)         # the exit itself was dropped in the ring
+    await until(lambda: "/tasks/exit" in box.pub.topics("c1"), 5.0)
+    assert asked == [("c1", "")] and box.follower.reconciled == 1

@@ -1,0 +1,101 @@
+"""The VM follows the workload (docs/sizing.md), through the real containerd 1.6 and ctr:
+`ctr run --cpus/--memory-limit` sizes the sandbox's VM (vCPUs and memory hot-plugged after the
+template restore, confirmed by the guest), and a request over a ceiling fails the create with
+a message naming the ceiling. ctr 1.6 has no `task update`: Update is reached through CRI
+(UpdateContainerResources), not tested here yet.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from integration.test_ctr_run import _log_lines, env, uid  # noqa: F401
+
+pytestmark = pytest.mark.integration
+GiB = 1 << 30
+PROBE = "nproc; grep MemTotal /proc/meminfo"
+
+
+def _nproc_memtotal(out: bytes) -> tuple[int, int]:
+    text = out.decode()
+    nproc = int(text.split()[0])
+    m = re.search(r"MemTotal:\s+(\d+) kB", text)
+    assert m, text
+    return nproc, int(m.group(1)) * 1024
+
+
+def test_ctr_run_cpus_and_memory_limit_size_the_vm(env):  # noqa: F811
+    r = env.ctr(*env.run_args("--rm"), env.ref, uid("small"), "sh", "-c", PROBE, check=False)
+    assert r.returncode == 0, r
+    base_cpus, base_mem = _nproc_memtotal(r.stdout)
+    assert base_cpus == 1 and base_mem < 300 << 20
+
+    big = uid("big")
+    r = env.ctr(*env.run_args("--rm", "--cpus", "2", "--memory-limit", str(GiB)), env.ref, big,
+                "sh", "-c", PROBE, check=False)
+    assert r.returncode == 0, r
+    nproc, mem = _nproc_memtotal(r.stdout)
+    assert nproc >= 2
+    assert mem >= GiB
+    sized = _log_lines(env, f"{big}: sandbox sized to 2 vCPU(s) / 1280 MiB in")
+    assert len(sized) == 1, sized
+    print("SIZING", sized[0].split(": ", 1)[-1])
+    timeline = _log_lines(env, f"timeline {big}:")
+    assert timeline and "sized=2cpu/1280MiB:" in timeline[0], timeline
+    print("TIMELINE", timeline[0].split("timeline", 1)[-1])
+
+
+def test_a_request_over_the_ceiling_names_it_and_runs_nothing(env):  # noqa: F811
+    r = env.ctr(*env.run_args("--rm", "--annotation", "io.containerd.spinbox.v1.vcpus=9"), env.ref,
+                uid("huge"), "sh", "-c", "echo ran", check=False)
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert "9 vCPUs" in err and "cpu_hotplug.max_vcpus = 4" in err, err
+    assert b"ran" not in r.stdout
+    r = env.ctr(*env.run_args("--rm", "--memory-limit", str(8 * GiB)), env.ref, uid("huge"),
+                "sh", "-c", "echo ran", check=False)
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert "8448 MiB" in err and "memory_hotplug.max_memory_mb = 2048" in err, err
+
+
+# --- Update, through CRI (UpdateContainerResources → the shim's Task Update) -----------------
+
+from integration.test_cri import (HANDLER, RPC_TIMEOUT, _container_running, _ok,  # noqa: E402
+                                  crienv, cri)  # noqa: F401
+
+
+def test_cri_update_grows_the_vm_and_the_memory_is_usable(crienv):  # noqa: F811
+    e, rt, pod = crienv, crienv.api.rt, crienv.pod
+    pod.id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=pod.config(), runtime_handler=HANDLER),
+                              timeout=RPC_TIMEOUT).pod_sandbox_id
+    c1 = rt.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod.id, config=pod.container_config("up", "sleep", "3600"),
+        sandbox_config=pod.config()), timeout=RPC_TIMEOUT).container_id
+    pod.containers.append(c1)
+    rt.StartContainer(cri.StartContainerRequest(container_id=c1), timeout=RPC_TIMEOUT)
+    _container_running(rt, c1)
+    before = _nproc_memtotal(_ok(e.api.exec_sync(c1, "sh", "-c", PROBE), "probe").encode())
+    assert before[1] < 300 << 20, before
+
+    # over the ceiling: refused by name, nothing changed
+    with pytest.raises(Exception, match=r"memory_hotplug.max_memory_mb = 2048"):
+        rt.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
+            container_id=c1, linux=cri.LinuxContainerResources(memory_limit_in_bytes=4 * GiB)),
+            timeout=RPC_TIMEOUT)
+    assert _nproc_memtotal(_ok(e.api.exec_sync(c1, "sh", "-c", PROBE), "probe").encode()) == before
+
+    t = time.monotonic()
+    rt.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
+        container_id=c1, linux=cri.LinuxContainerResources(memory_limit_in_bytes=768 << 20,
+                                                           cpu_quota=200000, cpu_period=100000)),
+        timeout=RPC_TIMEOUT)
+    print(f"UPDATE to 2 vCPUs / +768 MiB usable after {time.monotonic() - t:.2f} s (CRI round trip)")
+    nproc, mem = _nproc_memtotal(_ok(e.api.exec_sync(c1, "sh", "-c", PROBE), "probe").encode())
+    assert nproc == 2 and mem >= before[1] + (760 << 20), (nproc, mem)
+    # 300 MiB touched (busybox awk holds it twice): more than the whole VM had before (256 MiB)
+    out = _ok(e.api.exec_sync(c1, "awk", 'BEGIN{s=sprintf("%314572800s","");print length(s)}',
+                              timeout_s=120), "allocate")
+    assert out.strip() == "314572800", out

@@ -1,0 +1,171 @@
+"""A hostile agent, for the host's tests: vminitd misbehaving on purpose.
+
+With `spinbox.hostile=<mode>[,<mode>...]` on the kernel command line (the host puts it there
+only when its config says so: `guest.kernel_cmdline_extra`, which a test sets), vminitd serves
+the agent API as usual and also does what a guest taken over by its workload could do to the
+host through the agent channel. The host's integration tests (integration/test_hostile_guest.py)
+check that the shim stays bounded and keeps serving while it happens.
+
+| mode | what the guest does |
+|---|---|
+| `oom-flood` | after each Create, OOM events for that container and for ids that do not exist, as fast as the agent can publish them, for FLOOD_S seconds (the event ring overflows: gaps) |
+| `event-lies` | after each Start, exits that are lies: for ids that do not exist, for the container with a wrong pid, with the largest pid, for an exec that does not exist; and every real event sent again as a replay (an older sequence number) with `gap` set |
+| `reply-lies` | Pids answers more processes than the host accepts |
+| `output-overrun` | a container's stdout stream sends 8 MiB beyond the host's window, then a chunk at offset 0 |
+
+Why this can live in the image: root in the guest can do all of it anyway (replace this file,
+load a module, write the channel); the mode only makes it reproducible. It reaches the host only
+through the channels every guest has. Unknown mode names are logged and ignored.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from spinbox.api._pb.spinbox.agent.v1 import containers_pb2 as cpb
+from spinbox.api._pb.spinbox.agent.v1 import events_pb2 as epb
+from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
+
+log = logging.getLogger(__name__)
+
+PARAM = "spinbox.hostile"
+MODES = ("oom-flood", "event-lies", "reply-lies", "output-overrun")
+FLOOD_S = 20.0              # how long one container's OOM flood lasts
+FLOOD_BATCH = 256           # events published between two yields to the loop
+PID_LIES = 70000            # more than the host's limit on a Pids answer
+UINT32_MAX = (1 << 32) - 1
+OVERRUN_BYTES = 8 << 20
+
+
+def modes(cmdline: dict[str, str]) -> frozenset[str]:
+    words = {w for w in cmdline.get(PARAM, "").split(",") if w}
+    for w in sorted(words - set(MODES)):
+        log.warning("%s: unknown mode %r ignored", PARAM, w)
+    return frozenset(words & set(MODES))
+
+
+class _Delegate:
+    """Everything not overridden goes to the real servicer."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class HostileContainers(_Delegate):
+    def __init__(self, inner: Any, agent: Any, active: frozenset[str]) -> None:
+        super().__init__(inner)
+        self._agent = agent
+        self._modes = active
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def Create(self, req: cpb.CreateRequest) -> cpb.CreateResponse:
+        r = await self._inner.Create(req)
+        if "oom-flood" in self._modes:
+            self._spawn(self._oom_flood(req.id))
+        return r
+
+    async def Start(self, req: cpb.StartRequest) -> cpb.StartResponse:
+        r = await self._inner.Start(req)
+        if "event-lies" in self._modes and not req.exec_id:
+            self._event_lies(req.id, r.pid)
+        return r
+
+    async def Pids(self, req: cpb.PidsRequest) -> cpb.PidsResponse:
+        r = await self._inner.Pids(req)
+        if "reply-lies" in self._modes:
+            r.processes.extend(cpb.ProcessInfo(pid=1000 + i) for i in range(PID_LIES))
+        return r
+
+    async def _oom_flood(self, id: str) -> None:
+        events = self._agent.events
+        end = time.monotonic() + FLOOD_S
+        n = 0
+        while time.monotonic() < end:
+            for i in range(FLOOD_BATCH):
+                events.publish("oom", id=id if i % 2 else f"ghost-{n % 1000}")
+                n += 1
+            await asyncio.sleep(0)
+        log.info("hostile: published %d OOM events in %.0fs", n, FLOOD_S)
+
+    def _event_lies(self, id: str, pid: int) -> None:
+        publish = self._agent.events.publish
+        now = time.time_ns()
+        publish("exit", id="ghost", exec_id="", pid=1, exit_status=0, exited_at_ns=now)
+        publish("exit", id=id, exec_id="", pid=pid + 1000, exit_status=9, exited_at_ns=now)
+        publish("exit", id=id, exec_id="", pid=UINT32_MAX, exit_status=UINT32_MAX, exited_at_ns=-1)
+        publish("exit", id=id, exec_id="no-such-exec", pid=pid, exit_status=3, exited_at_ns=now)
+        publish("oom", id="ghost")
+        log.info("hostile: published lies about %s (pid %d)", id, pid)
+
+
+class HostileEvents(_Delegate):
+    def __init__(self, inner: Any, active: frozenset[str]) -> None:
+        super().__init__(inner)
+        self._modes = active
+
+    async def Subscribe(self, req: epb.SubscribeRequest) -> AsyncIterator[epb.Event]:
+        async for msg in self._inner.Subscribe(req):
+            yield msg
+            if "event-lies" in self._modes and msg.seq > 1:
+                replay = epb.Event()
+                replay.CopyFrom(msg)
+                replay.seq = msg.seq - 1
+                replay.gap = True
+                yield replay
+
+
+class HostileStdio(_Delegate):
+    def __init__(self, inner: Any, active: frozenset[str]) -> None:
+        super().__init__(inner)
+        self._modes = active
+
+    async def Output(self, requests: AsyncIterator[spb.OutputClient],
+                     send: Callable[[Any], Awaitable[None]]) -> None:
+        first = await anext(requests, None)
+
+        async def again() -> AsyncIterator[spb.OutputClient]:
+            if first is not None:
+                yield first
+            async for m in requests:
+                yield m
+
+        if ("output-overrun" not in self._modes or first is None or first.WhichOneof("msg") != "open"
+                or first.open.exec_id or first.open.fd != spb.STDOUT):
+            await self._inner.Output(again(), send)
+            return
+        o = first.open
+        chunk = b"x" * (1 << 20)
+        off = o.offset
+        try:
+            while off < o.offset + o.window + OVERRUN_BYTES:
+                await send(spb.OutputServer(offset=off, data=chunk))
+                off += len(chunk)
+            await send(spb.OutputServer(offset=0, data=b"again from the start"))
+            log.info("hostile: sent %d bytes into a window of %d", off - o.offset, o.window)
+            async for _ in requests:
+                pass
+        except Exception as e:       # the host ended the stream: what it should do
+            log.info("hostile: output stream ended by the host after %d bytes: %r", off - o.offset, e)
+
+
+def wrap(impls: dict[str, Any], agent: Any, active: frozenset[str]) -> dict[str, Any]:
+    """The servicers of `impls` with the `active` modes' misbehaviour on top."""
+    if not active:
+        return impls
+    log.warning("hostile agent modes on: %s", ",".join(sorted(active)))
+    out = dict(impls)
+    out["Containers"] = HostileContainers(impls["Containers"], agent, active)
+    out["Events"] = HostileEvents(impls["Events"], active)
+    out["Stdio"] = HostileStdio(impls["Stdio"], active)
+    return out
