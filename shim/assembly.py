@@ -9,6 +9,7 @@ is what the daemon serves: a VM per sandbox configured from the shim's config.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from spinbox.api import contract
@@ -22,6 +23,7 @@ from .sandbox import VMSandbox
 from .state import GroupPaths, State
 from .task_service import TaskService
 from .templates import TemplateCache
+from .vm import hostcgroup
 
 
 def build_task_service(sandbox_factory: SandboxFactory, publisher: Publisher | None, *,
@@ -48,18 +50,24 @@ def vm_sandbox_factory(group: str, config: config_mod.SpinboxConfig, paths: Grou
                  if config.runtime.start == "template" else None)
     image_hash = config_mod.guest_image(config).hash
 
-    async def boot() -> Guest:
-        vm_dir = paths.vm_dir
-        state.record("vm", str(vm_dir), owner=group, path=str(vm_dir))
-        if templates is not None:
-            guest = await templates.start_guest(vm_dir, vm_config, image_hash, name=group)
-            if guest is not None:
-                return guest
-        return await boot_guest(vm_dir, vm_config, name=group)
-
     def sandbox() -> VMSandbox:
+        # made by VMSandbox._start from the first spec (the pod's cgroup) before boot() runs
+        cgroup = (hostcgroup.CgroupOwner(group, vm_config.vcpus, vm_config.memory_mb,
+                                         parent=config.confinement.host_cgroup_parent, state=state, owner=group)
+                  if config.confinement.host_cgroup else None)
+
+        async def boot() -> Guest:
+            vm_dir = paths.vm_dir
+            state.record("vm", str(vm_dir), owner=group, path=str(vm_dir))
+            cfg = dataclasses.replace(vm_config, host_cgroup_dirs=cgroup.dirs) if cgroup else vm_config
+            if templates is not None:
+                guest = await templates.start_guest(vm_dir, cfg, image_hash, name=group)
+                if guest is not None:
+                    return guest
+            return await boot_guest(vm_dir, cfg, name=group)
+
         networking = NetworkAttachment(group, NetworkSettings.from_config(config), state=state, owner=group)
-        return VMSandbox(group, boot, network=networking, state=state)
+        return VMSandbox(group, boot, network=networking, state=state, cgroup=cgroup)
 
     return sandbox
 

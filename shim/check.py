@@ -153,10 +153,13 @@ def check_virtiofsd(r: Report) -> None:
 def check_confinement(r: Report) -> None:
     """Which confinement of QEMU and virtiofsd is in force (shim/vm/confine.py, docs/security.md)."""
     from .vm.confine import QEMU_NOFILE, VIRTIOFSD_DROPPED_CAPS
+    from .vm.hostcgroup import describe as cgroup_state
     r.add(OK, "confinement: QEMU", "seccomp -sandbox on (no exec, setuid, obsolete calls); "
                                    f"RLIMIT_CORE 0, RLIMIT_NOFILE {QEMU_NOFILE}")
     r.add(OK, "confinement: virtiofsd", "namespace sandbox + its seccomp filter; capabilities dropped: "
                                         + ", ".join(VIRTIOFSD_DROPPED_CAPS) + "")
+    ok, why = cgroup_state()
+    r.add(OK if ok else WARN, "confinement: host cgroup", why)
     r.add(WARN, "confinement: not in force", "QEMU and virtiofsd still run as root (no per-sandbox uid, "
                                              "no chroot yet: issue 11); virtiofsd keeps CAP_SETUID/SETGID "
                                              "for per-request guest credentials")

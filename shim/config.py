@@ -129,6 +129,10 @@ class ConfinementConfig:
     # shim/vm/confine.py, docs/security.md: on by default
     qemu_rlimits: bool = True           # QEMU: RLIMIT_CORE 0, RLIMIT_NOFILE 4096
     virtiofsd_hardening: bool = True    # virtiofsd: sandbox=namespace, -mknod -setfcap
+    # shim/vm/hostcgroup.py: QEMU + virtiofsd in <parent>/spinbox-<sandbox> with limits from the
+    # VM's size (under CRI the parent is the pod's cgroup); off, or no usable cgroups: without
+    host_cgroup: bool = True
+    host_cgroup_parent: str = "/spinbox"
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,12 @@ def _validate(cfg: SpinboxConfig) -> None:
         p = getattr(cfg.guest, key)
         if p is not None and not os.path.isabs(p):
             raise ConfigError(f"guest.{key}", f"must be an absolute path or null (got {p!r})")
+    if cfg.confinement.host_cgroup_parent != "/":
+        from .vm.hostcgroup import HostCgroupError, cgroup_rel_path
+        try:
+            cgroup_rel_path(cfg.confinement.host_cgroup_parent)
+        except HostCgroupError as e:
+            raise ConfigError("confinement.host_cgroup_parent", str(e)) from None
     for word in cfg.guest.kernel_cmdline_extra:
         if not word or any(c.isspace() for c in word):
             raise ConfigError("guest.kernel_cmdline_extra",

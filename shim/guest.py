@@ -13,6 +13,7 @@ The VM layer knows nothing about the agent API: the readiness probe we give it i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -117,7 +118,9 @@ async def boot_guest(state_dir: str | os.PathLike[str], config: VMConfig | None 
 
 async def boot_guest_for_template(state_dir: str | os.PathLike[str], config: VMConfig, ram: TemplateArgv, *,
                                   name: str = "spinbox-template") -> Guest:
-    """A cold boot with the RAM in a file and a vmgenid device (shim/vm/template.py saves it)."""
+    """A cold boot with the RAM in a file and a vmgenid device (shim/vm/template.py saves it).
+    Never in a sandbox's cgroup: the RAM file it writes outlives the sandbox that built it."""
+    config = dataclasses.replace(config, host_cgroup_dirs=())
     return await _start_guest(VM(config, state_dir, name=name), name, template=ram)
 
 

@@ -13,6 +13,7 @@ function that releases one record of that kind, at import:
 | `dir`     | shim.sandbox (a bind staging dir)     | shim.binds: release_dir_record (unmount, remove)|
 | `vm`      | shim.assembly (the VM's state dir)    | shim.vm.machine: release_vm_record              |
 | `network` | shim.network.attachment               | shim.network.attachment: release_network_record |
+| `cgroup`  | shim.vm.hostcgroup (a sandbox's cgroup)| shim.vm.hostcgroup: release_cgroup_record     |
 | `socket`  | manager `start`, daemon (-socket)     | here: release_socket_record                     |
 
 A process that only cleans up (`delete`, the daemon's exit) may never have imported an owner:
@@ -37,6 +38,7 @@ OWNERS = (
     "spinbox.shim.mounts",
     "spinbox.shim.binds",
     "spinbox.shim.vm.machine",
+    "spinbox.shim.vm.hostcgroup",
     "spinbox.shim.network.attachment",
 )
 

@@ -38,7 +38,7 @@ from .sizing import Limits, Size
 from .spec import BindMount
 from .states import SandboxMachine, SandboxState
 from .state import State
-from .vm import devices
+from .vm import devices, hostcgroup
 
 if TYPE_CHECKING:
     from .network.attachment import NetworkAttachment
@@ -109,10 +109,10 @@ class Sandbox:
             raise
         log.info("sandbox %s ready", self.id)
 
-    def mark_lost(self) -> None:
+    def mark_lost(self, why: str = "") -> None:
         """The VM layer's verdict: the agent can never answer again."""
         if self.machine.apply("lost"):
-            log.error("sandbox %s lost", self.id)
+            log.error("sandbox %s lost%s", self.id, f": {why}" if why else "")
         self.lost.set()
 
     async def stop(self) -> None:
@@ -246,8 +246,10 @@ class VMSandbox(Sandbox):
     """
 
     def __init__(self, id: str, boot: Callable[[], Awaitable[Guest]], *,
-                 network: NetworkAttachment | None = None, state: State | None = None) -> None:
+                 network: NetworkAttachment | None = None, state: State | None = None,
+                 cgroup: hostcgroup.CgroupOwner | None = None) -> None:
         super().__init__(id)
+        self.cgroup = cgroup            # the host cgroup of QEMU and virtiofsd (made before boot)
         self._boot = boot
         self.network = network
         self.records = state            # crash-safe records (bind staging dirs)
@@ -265,6 +267,8 @@ class VMSandbox(Sandbox):
         net = self.network
         if net is not None:
             net.decide(spec or {})          # a bad config or annotation fails before any boot
+        if self.cgroup is not None:         # before boot: QEMU joins it at spawn
+            await asyncio.to_thread(self.cgroup.prepare, spec or {})
         boot = asyncio.ensure_future(self._boot())
         tasks = [boot] + ([asyncio.ensure_future(self._prepare_network(net))] if net is not None else [])
         errors: list[BaseException] = []
@@ -311,9 +315,21 @@ class VMSandbox(Sandbox):
         return self.guest
 
     async def _watch_vm(self, guest: Guest) -> None:
-        # VM death = the QEMU process exit (not a channel EOF: virtio-serial may reconnect).
-        await guest.vm.wait_died()
-        self.mark_lost()
+        # The sandbox is lost when QEMU exits, or when the agent connection is gone after the
+        # guest was ready: nothing reconnects then (a send to a guest that stopped reading timed
+        # out and dropped it, a protocol violation, the peer hung up), so no call or event can
+        # reach us again; the live processes are then reported exited and Delete/Shutdown tear
+        # the VM down instead of waiting on a guest that will never answer.
+        died = asyncio.ensure_future(guest.vm.wait_died())
+        dropped = asyncio.ensure_future(guest.agent.wait_connection_lost())
+        try:
+            await asyncio.wait([died, dropped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (died, dropped):
+                t.cancel()
+            await asyncio.gather(died, dropped, return_exceptions=True)
+        died_first = died.done() and not died.cancelled() and died.exception() is None
+        self.mark_lost("QEMU exited" if died_first else "the agent connection was dropped")
 
     async def _share(self, container_id: str, host_dir: str, prefix: str) -> str:
         self.machine.require(SandboxState.READY)     # nothing is attached to a lost or stopping VM
@@ -377,7 +393,14 @@ class VMSandbox(Sandbox):
         self.machine.require(SandboxState.READY)
         if self._resizer is None:
             self._resizer = resize_mod.VMResizer(self._guest.vm, self.agent_client)
-        return await self._resizer.resize(want)
+        if self.cgroup is None:
+            return await self._resizer.resize(want)
+        have = self._resizer.size          # room for the growth first, the confirmed size after
+        self.cgroup.resized(max(want.vcpus, have.vcpus), max(want.memory_mb, have.memory_mb))
+        try:
+            return await self._resizer.resize(want)
+        finally:
+            self.cgroup.resized(self._resizer.size.vcpus, self._resizer.size.memory_mb)
 
     async def _stop(self) -> None:
         if self._watch is not None:
@@ -389,5 +412,9 @@ class VMSandbox(Sandbox):
                 await self.guest.stop()
                 self.guest = None
         finally:
-            if self.network is not None:       # after QEMU is gone: it held the TAPs
-                await self.network.release()
+            try:
+                if self.network is not None:       # after QEMU is gone: it held the TAPs
+                    await self.network.release()
+            finally:
+                if self.cgroup is not None:        # after QEMU and virtiofsd are gone
+                    await self.cgroup.remove()

@@ -6,6 +6,7 @@ one bidirectional fd (a virtio-serial port, a pty, a socket).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,11 @@ from .status import ConnectionClosed
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
+# How long one frame send may wait for the write lock plus the peer to drain our buffer. A peer
+# that stops reading (a hung or hostile guest) would otherwise stall every sender on the
+# connection forever, Delete and close included. 30 s is far above any drain of a live peer (a
+# 4 MiB frame at TCG's ~10 MB/s) and below containerd's own shim-call timeouts.
+DEFAULT_SEND_TIMEOUT_S = 30.0
 
 
 def _length(data: Payload) -> int:
@@ -31,8 +37,10 @@ class ProtocolError(Exception):
 
 class Channel:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 max_data: int = MAX_DATA) -> None:
+                 max_data: int = MAX_DATA,
+                 send_timeout: float | None = DEFAULT_SEND_TIMEOUT_S) -> None:
         self.reader = reader
+        self.send_timeout = send_timeout
         self.writer = writer
         self.max_data = max_data
         self.decoder = FrameDecoder(max_data)
@@ -42,21 +50,51 @@ class Channel:
     async def send(self, stream_id: int, type: int, flags: int = 0, data: Payload = b"") -> None:
         """`data` is one buffer, or pieces written one after another (never joined here)."""
         self._check(data)
-        async with self.lock:
-            self._write(stream_id, type, flags, data)
-            await self._drain()
+        async with self._bounded("send"):
+            async with self.lock:
+                self._write(stream_id, type, flags, data)
+                await self._drain()
 
     async def send_new(self, type: int, flags: int, data: bytes, allocate: Callable[[], int]) -> int:
         """Send a frame on a stream id chosen by `allocate()` while holding the write lock, so that
         ids reach the wire in the order they were allocated (they must strictly increase)."""
         self._check(data)
-        async with self.lock:
-            if self.closed:
-                raise ConnectionClosed("ttrpc: connection closed")
-            stream_id = allocate()
-            self._write(stream_id, type, flags, data)
-            await self._drain()
+        async with self._bounded("send"):
+            async with self.lock:
+                if self.closed:
+                    raise ConnectionClosed("ttrpc: connection closed")
+                stream_id = allocate()
+                self._write(stream_id, type, flags, data)
+                await self._drain()
         return stream_id
+
+    @contextlib.asynccontextmanager
+    async def _bounded(self, what: str) -> AsyncIterator[None]:
+        """Bound a wait on the peer; on timeout the connection is dropped (aborted, so the read
+        loop ends too and the owner's connection-lost path runs) and ConnectionClosed raised."""
+        if self.send_timeout is None:
+            yield
+            return
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                yield
+        except TimeoutError:
+            self.abort()
+            raise ConnectionClosed(
+                f"ttrpc: {what} timed out after {self.send_timeout:g}s (the peer stopped "
+                f"reading); connection dropped") from None
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding unsent bytes (close() would wait for the peer to
+        drain them first)."""
+        self.closed = True
+        try:
+            self.writer.transport.abort()
+        except Exception as exc:  # already broken transport
+            log.debug("ttrpc: abort: %s", exc)
+        rtransport = getattr(self.reader, "_transport", None)
+        if rtransport is not None and rtransport is not self.writer.transport:
+            rtransport.close()  # open_fd_streams: the read side is a transport of its own
 
     def _check(self, data: Payload) -> None:
         n = _length(data)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 
-from .channel import Channel, ProtocolError, open_fd_streams
+from .channel import DEFAULT_SEND_TIMEOUT_S, Channel, ProtocolError, open_fd_streams
 from .frame import MAX_DATA, Flags, Frame, MessageType, Oversized, Payload
 from .metadata import Metadata, MetadataLike
 from .request_pb2 import Request, Response
@@ -38,13 +38,16 @@ class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  stream_buffer_messages: int = DEFAULT_BUFFER_MESSAGES,
                  stream_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-                 max_data: int = MAX_DATA, first_stream_id: int = 1) -> None:
+                 max_data: int = MAX_DATA, first_stream_id: int = 1,
+                 send_timeout: float | None = DEFAULT_SEND_TIMEOUT_S) -> None:
         # first_stream_id: a client that reconnects over a byte stream that may still deliver
         # the old connection's frames (virtio-serial) continues its ids, so no stale response
         # can match a new call. Client-initiated ids are odd.
         if first_stream_id < 1 or first_stream_id % 2 == 0 or first_stream_id > MAX_STREAM_ID:
             raise ValueError(f"first_stream_id must be odd and in 1..{MAX_STREAM_ID} (got {first_stream_id})")
-        self._channel = Channel(reader, writer, max_data=max_data)
+        # send_timeout bounds every frame send (unary requests, stream sends and close_send):
+        # past it the connection is dropped and every call and stream fails ConnectionClosed.
+        self._channel = Channel(reader, writer, max_data=max_data, send_timeout=send_timeout)
         self.stream_buffer_messages = stream_buffer_messages
         self.stream_buffer_bytes = stream_buffer_bytes
         self._next_id = first_stream_id

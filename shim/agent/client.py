@@ -97,6 +97,11 @@ class AgentClient:
     def closed(self) -> bool:
         return self._channel.closed
 
+    async def wait_connection_lost(self) -> None:
+        """Returns when the agent can no longer be reached on this client's connection (see
+        transport.Channel.wait_lost); only meaningful once the agent was ready."""
+        await self._channel.wait_lost()
+
     async def close(self) -> None:
         """Close the connection for good; streams and event iterators end."""
         if self._channel.closed:

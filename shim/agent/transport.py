@@ -130,6 +130,16 @@ class Channel:
         while not self.closed:
             await self._changed.wait()
 
+    async def wait_lost(self) -> None:
+        """Returns once the connection made by the probe is gone: its client closed (the peer
+        hung up, a send to a guest that stopped reading timed out and dropped it, a protocol
+        error) or `close()` was called. Call it after the probe: nothing reconnects then."""
+        while not self.closed:
+            client = self.client
+            if client is None or client.closed:
+                return
+            await client.wait_closed()
+
     async def probe(self, ping: Callable[[float], Awaitable[None]], deadline: float) -> None:
         """Connect (again) until `ping(timeout)` is answered or the deadline (a time.monotonic()
         value) passes; TimeoutError then names the last error."""

@@ -94,6 +94,8 @@ class VMConfig:
     tcg_tb_size_mb: int | None = None   # TCG translation cache size (trims idle RSS a little)
     # QEMU gets SIGKILL when the process that started it dies (PR_SET_PDEATHSIG)
     die_with_parent: bool = True
+    # shim/vm/hostcgroup.py: the sandbox cgroup dirs QEMU and virtiofsd are moved into at spawn
+    host_cgroup_dirs: tuple[str, ...] = ()
     ready_marker: str | None = DEFAULT_READY_MARKER  # console regex recorded in the timeline
     timeouts: VMTimeouts = field(default_factory=VMTimeouts)
 

@@ -48,6 +48,7 @@ from spinbox.shim.errors import HostError
 
 from . import accel as accel_mod
 from . import confine
+from . import hostcgroup
 from . import logsink
 from . import procinfo
 from .cid import DEFAULT_RUNTIME_DIR, CIDLease, allocate_cid
@@ -312,6 +313,7 @@ class VM:
         self.console = console
         self._persist()
         self._exit_task = asyncio.create_task(self._watch_process(), name=f"vm-{self.name}-wait")
+        hostcgroup.join(self.config.host_cgroup_dirs, self._proc.pid)   # tracked first; before the boot
 
     def qemu_log_tail(self, n: int = 20) -> list[str]:
         if self._qemu_output is not None:
@@ -618,9 +620,10 @@ class VM:
 
     # ------------------------------------------------------------------ helpers (virtiofsd)
     def register_helper(self, key: str, pid: int, tag: str) -> None:
-        """Persist a helper process (so crash cleanup kills it too)."""
+        """Persist a helper process (so crash cleanup kills it too); it joins the VM's cgroup."""
         self._helpers[key] = {"pid": pid, "start_time": procinfo.start_time(pid), "tag": tag}
         self._persist()
+        hostcgroup.join(self.config.host_cgroup_dirs, pid)
 
     def unregister_helper(self, key: str) -> None:
         if self._helpers.pop(key, None) is not None and self.alive:

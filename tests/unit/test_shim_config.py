@@ -25,7 +25,8 @@ NON_DEFAULT = {
     "guest": {"kernel": "/opt/k/vmlinux", "image": "/opt/k/image.json",
               "kernel_cmdline_extra": ["foo=1", "bar"], "debug_console": True,
               "console_log_max_mb": 16},
-    "confinement": {"qemu_rlimits": False, "virtiofsd_hardening": False},
+    "confinement": {"qemu_rlimits": False, "virtiofsd_hardening": False, "host_cgroup": False,
+                    "host_cgroup_parent": "/k8s.slice"},
 }
 
 
