@@ -29,6 +29,7 @@ from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
 from spinbox.api._pb.spinbox.agent.v1 import system_pb2 as sypb
 from spinbox.api.contract import AGENT_CALL_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 
+from ..ratelimit import LogThrottle
 from .errors import AgentProtocolError, AgentUnavailable
 from .records import (STATUS_NAMES, AgentEvent, CpuOnline, ExitStatus, GuestInfo, GuestVersion,
                       MemoryOnline, Mount, ProcessInfo, ProcessState, Stats)
@@ -362,7 +363,21 @@ class AgentClient:
                                               server_streaming=True)
             try:
                 async for msg in stream:
-                    ev = _event_from(msg, last)
+                    if msg.seq <= last:
+                        # a replay (or a lie): never acted on twice, and never a reason to
+                        # drop the stream (a resubscribe would be served the same again)
+                        _EVENT_LOG.warning("replay", "agent event seq %d not after %d: ignored", msg.seq, last)
+                        continue
+                    try:
+                        ev = _event_from(msg, last)
+                    except AgentProtocolError as e:
+                        # One malformed event must not wedge the stream: failing it would
+                        # resubscribe after `last` and be served the same event forever, so
+                        # every later exit would be stuck behind it. It is refused and counts
+                        # as lost (gap): the follower then asks the guest for the state of its
+                        # live processes, which is how a real exit hidden in it still surfaces.
+                        _EVENT_LOG.warning("refused", "agent event %d refused: %s", msg.seq, e)
+                        ev = AgentEvent(msg.seq, 0, True, "refused", "")
                     last = ev.seq if ev is not None else msg.seq
                     if ev is not None:
                         yield ev
@@ -375,6 +390,10 @@ class AgentClient:
         except ttrpc.TTRPCError as e:
             raise ttrpc.error_from_status(int(e.code), f"guest: events: {sanitize(e.message)}") from None
         await self._channel.wait_closed()
+
+
+# lines caused by the guest's events: throttled per kind (shim.ratelimit)
+_EVENT_LOG = LogThrottle(log)
 
 
 def _event_from(msg: epb.Event, last: int) -> AgentEvent | None:
