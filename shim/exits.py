@@ -351,7 +351,11 @@ class GuestEventFollower:
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
-                    self._log.warning("reconcile", "after an event gap, the state of %s is unknown: %s", p.name, e)
+                    # Asked again on the next pass (one per RECONCILE_INTERVAL_S): its exit may
+                    # be lost for good otherwise, and its Wait (ctr task exec) would never end.
+                    self._reconcile_wanted.set()
+                    self._log.warning("reconcile", "after an event gap, the state of %s is unknown "
+                                      "(asked again): %s: %s", p.name, type(e).__name__, e)
                     continue
                 if st.status_name == "stopped" and p.allows("kill"):
                     log.info("%s: its exit was lost in an event gap; reported from its state (status %d)",

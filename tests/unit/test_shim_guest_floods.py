@@ -427,3 +427,28 @@ async def test_an_exit_lost_in_an_event_gap_is_recovered_from_the_guest_state(bo
     box.agent.push("oom", "c1", gap=True)         # the exit itself was dropped in the ring
     await until(lambda: "/tasks/exit" in box.pub.topics("c1"), 5.0)
     assert asked == [("c1", "")] and box.follower.reconciled == 1
+
+
+async def test_a_state_query_that_fails_after_a_gap_is_asked_again(box, monkeypatch):
+    """A busy guest may not answer the State query of the reconcile pass in time (seen under
+    the hostile agent's flood): the process is asked again on a later pass, or its lost exit
+    would never reach containerd and its Wait would hang."""
+    from spinbox.shim.agent.records import ProcessState
+
+    monkeypatch.setattr(exits, "RECONCILE_INTERVAL_S", 0.01)
+    await box.run("c1")
+    pid = box.agent.procs[("c1", "")].pid
+    asked: list[tuple[str, str]] = []
+
+    async def state(id: str, exec_id: str = "", **kw) -> ProcessState:
+        asked.append((id, exec_id))
+        if len(asked) == 1:
+            raise TimeoutError()
+        return ProcessState(id, exec_id, pid, 3, False, 5, time.time_ns(), False, False, False)
+
+    box.agent.state = state
+    for s in box.agent.outputs:
+        s.end()
+    box.agent.push("oom", "c1", gap=True)         # the exit itself was dropped in the ring
+    await until(lambda: "/tasks/exit" in box.pub.topics("c1"), 5.0)
+    assert asked == [("c1", ""), ("c1", "")] and box.follower.reconciled == 1
