@@ -14,4 +14,6 @@ from __future__ import annotations
 # target name -> module (fuzz.<module> defines `TARGET`); the order of the report
 TARGETS = {
     "frames": "frames",
+    "server": "server",
+    "replies": "replies",
 }

@@ -134,8 +134,9 @@ class AgentClient:
             return await client.call(service, method, request, response_type, timeout=timeout)
         except ttrpc.ConnectionClosed as e:
             raise AgentUnavailable(f"{method}: connection to the guest agent lost ({e.message})") from None
-        except ttrpc.DeadlineExceeded:
-            raise
+        except ttrpc.DeadlineExceeded as e:
+            # our own timeout, or the guest's answer DEADLINE_EXCEEDED: then the message is its
+            raise ttrpc.DeadlineExceeded(sanitize(e.message)) from None
         except ttrpc.TTRPCError as e:
             raise ttrpc.error_from_status(int(e.code), f"guest: {sanitize(e.message)}") from None
 
@@ -385,9 +386,9 @@ class AgentClient:
                 await stream.aclose()
         except ttrpc.ConnectionClosed:
             pass
-        except (ttrpc.DeadlineExceeded, AgentProtocolError):
+        except AgentProtocolError:
             raise
-        except ttrpc.TTRPCError as e:
+        except ttrpc.TTRPCError as e:   # DEADLINE_EXCEEDED too: this stream has no timeout of ours
             raise ttrpc.error_from_status(int(e.code), f"guest: events: {sanitize(e.message)}") from None
         await self._channel.wait_closed()
 

@@ -30,10 +30,8 @@ def protocol_error(msg: str) -> AgentProtocolError:
 
 
 def check_pid(pid: int, what: str, *, allow_zero: bool = False) -> int:
-    if pid == 0 and allow_zero:
-        return 0
-    if not 1 <= pid <= PID_MAX:
-        raise protocol_error(f"{what}: pid {pid} outside 1..{PID_MAX}")
+    if not contract.is_valid_pid(pid, allow_zero=allow_zero):
+        raise protocol_error(f"{what}: pid {pid} outside {0 if allow_zero else 1}..{PID_MAX - 1}")
     return pid
 
 
