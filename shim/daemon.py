@@ -36,7 +36,7 @@ from spinbox.shim import config as config_mod
 from spinbox.api import contract
 from spinbox.shim.assembly import vm_task_service
 from spinbox.shim.logwriter import NonBlockingHandler
-from spinbox.shim.manager import ShimArgs, socket_path
+from spinbox.shim.manager import ShimArgs, daemon_log_level, socket_path
 from spinbox.shim.publisher import Publisher
 from spinbox.shim.state import GroupLock, GroupPaths, State, cleanup_all
 
@@ -116,7 +116,7 @@ def open_log(bundle: Path, fallback: Path) -> tuple[int, str]:
     return fd, str(fallback)
 
 
-def setup_logging(fd: int, debug: bool, namespace: str, group: str) -> None:
+def setup_logging(fd: int, level: int, namespace: str, group: str) -> None:
     os.dup2(fd, 2)            # tracebacks and stray prints land in the log too
     os.close(fd)
     sys.stderr = open(2, "w", buffering=1, closefd=False, errors="replace")
@@ -127,7 +127,7 @@ def setup_logging(fd: int, debug: bool, namespace: str, group: str) -> None:
         f"%(asctime)s spinbox-shim[%(process)d] {namespace}/{group} %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(level)
     # at debug qemu.qmp logs every message, and the guest raises QMP events at will
     logging.getLogger("qemu.qmp").setLevel(logging.INFO)
 
@@ -182,7 +182,7 @@ def serve(args: ShimArgs) -> int:
         cfg = config_mod.load(options) if options is not None else cfg0
         paths = GroupPaths(Path(cfg.paths.state_dir), args.namespace, group)
         fd, where = open_log(bundle, paths.log_file)
-        setup_logging(fd, args.debug, args.namespace, group)
+        setup_logging(fd, daemon_log_level(args), args.namespace, group)
     except Exception as e:
         _ready(f"error: shim daemon setup failed: {e}")
         return 1

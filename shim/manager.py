@@ -10,8 +10,14 @@
   group's daemon if its socket answers, or binds the socket itself and spawns the daemon with
   the listener as fd 3 (no race: the socket accepts before the daemon even runs), waits for the
   daemon to say it is ready, writes `<bundle>/address`, and prints the address — plain text, or
-  a protobuf BootstrapResult when stdin held a matching BootstrapParams (containerd 2.3+).
+  a protobuf BootstrapResult when stdin held BootstrapParams (containerd 2.3+).
   Nothing reaches stderr on success (containerd merges it into the address it reads).
+  Where the task's identity comes from (`resolve_start`): BootstrapParams when stdin holds them
+  (ids, namespace, addresses, containerd binary, log level, socket dir: containerd 2.3 marks the
+  flags deprecated, to be removed); the flags, then containerd's env (`NAMESPACE`,
+  `GRPC_ADDRESS`, `TTRPC_ADDRESS`) only fill what the params leave empty. An id or namespace
+  given both ways must agree (a clear error otherwise); for the addresses and the binary the
+  params win, as in containerd's own Go shims.
 * `delete`: releases everything the group's state records once its daemon is gone (waiting
   briefly for a daemon that is shutting down, killing a stuck one), unmounts `<bundle>/rootfs`
   and prints a protobuf DeleteResponse. Idempotent; exit 0 when there is nothing left.
@@ -24,6 +30,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import select
 import signal
@@ -66,7 +73,7 @@ class ShimError(SpinboxError):
 # argv (Go `flag` syntax: -name value, -name=value, --name; bool flags take no value)
 
 _STRING_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket", "debug-socket",
-                 "group"}
+                 "group", "log-level"}
 _BOOL_FLAGS = {"debug", "v", "version", "info"}
 
 
@@ -80,6 +87,7 @@ class ShimArgs:
     socket: str = ""            # daemon: the address it serves (the listener is fd 3)
     debug_socket: str = ""      # accepted, unused
     group: str = ""             # daemon: the group it serves (hidden)
+    log_level: str = ""         # daemon: a LOG_LEVELS name, from BootstrapParams (hidden)
     debug: bool = False
     version: bool = False
     info: bool = False
@@ -220,10 +228,31 @@ def _socket_dir_field(params: Any) -> str | None:
     return params.socket_dir if params.HasField("socket_dir") else None
 
 
-def classify_stdin(data: bytes, task_id: str, namespace: str) -> StartInput:
-    """BootstrapParams (2.3+) only if it parses AND names this task and namespace (a legacy
-    options Any can parse as BootstrapParams by accident: its type_url lands in field 1);
-    else a serialized Any of runtime options (1.6-2.2); empty → no options."""
+def _bootstrap_only_fields(params: Any) -> bool:
+    """True when a field beyond 1-2 is set: a serialized Any has only fields 1 (type_url) and
+    2 (value), so such bytes are BootstrapParams for sure, never a legacy options Any."""
+    return bool(params.log_level or params.containerd_version or params.containerd_ttrpc_address
+                or params.containerd_grpc_address or params.containerd_binary or params.extensions
+                or params.HasField("socket_dir"))
+
+
+def _disagreement(params: Any, task_id: str, namespace: str) -> str | None:
+    for what, flag, value in (("id", task_id, params.instance_id),
+                              ("namespace", namespace, params.namespace)):
+        if flag and value != flag:
+            return f"-{what} {flag!r} but BootstrapParams.{'instance_id' if what == 'id' else what} {value!r}"
+    return None
+
+
+def classify_stdin(data: bytes, task_id: str = "", namespace: str = "") -> StartInput:
+    """BootstrapParams (2.3+), else a serialized Any of runtime options (1.6-2.2), else empty.
+
+    A legacy options Any can parse as BootstrapParams by accident (its type_url lands in field
+    1, its value in field 2), so bytes with only fields 1-2 are BootstrapParams only if they
+    name this task and namespace, as containerd's Go shims decide; with no -id/-namespace flags
+    (containerd after their removal, which always sends params) a task id and a namespace are
+    enough. Bytes with any other field set are BootstrapParams whatever the flags say, and
+    flags that disagree with them are an error (which task would we start?)."""
     from spinbox.api._pb.containerd.runtime.bootstrap.v1 import bootstrap_pb2
 
     if not data or not data.strip(b"\n\r\t "):
@@ -234,25 +263,78 @@ def classify_stdin(data: bytes, task_id: str, namespace: str) -> StartInput:
         parsed = True
     except (DecodeError, ValueError):
         parsed = False
-    if parsed and params.instance_id == task_id and params.namespace == namespace:
-        opts = None
-        for ext in params.extensions:
-            if ext.value.type_url.rsplit("/", 1)[-1] == config_mod.RUNTIME_OPTIONS_TYPE:
-                opts = ext.value
-                break
-        if opts is None and len(params.extensions) == 1:
-            opts = params.extensions[0].value
-        return StartInput("bootstrap", options=opts, params=params, socket_dir=_socket_dir_field(params))
+    if parsed:
+        disagree = _disagreement(params, task_id, namespace)
+        if _bootstrap_only_fields(params) and disagree:
+            raise ShimError(f"start: the flags and stdin's BootstrapParams name different tasks: {disagree}")
+        if not disagree and ((params.instance_id and params.namespace) or _bootstrap_only_fields(params)):
+            return StartInput("bootstrap", options=_options_extension(params), params=params,
+                              socket_dir=_socket_dir_field(params))
     any_msg = any_pb2.Any()
+    what = f"for {namespace or '?'}/{task_id or '?'}"
     try:
         any_msg.ParseFromString(data)
     except DecodeError as e:
-        raise ShimError(f"start: stdin is neither BootstrapParams for {namespace}/{task_id} nor "
+        raise ShimError(f"start: stdin is neither BootstrapParams {what} nor "
                         f"a runtime options Any ({len(data)} bytes): {e}") from None
     if not any_msg.type_url:
-        raise ShimError(f"start: stdin ({len(data)} bytes) is neither BootstrapParams for "
-                        f"{namespace}/{task_id} nor a runtime options Any (no type_url)")
+        raise ShimError(f"start: stdin ({len(data)} bytes) is neither BootstrapParams {what} "
+                        "nor a runtime options Any (no type_url)")
     return StartInput("options", options=any_msg)
+
+
+def _options_extension(params: Any) -> any_pb2.Any | None:
+    """Our runtime options among the params' extensions; a lone extension of another type is
+    taken too (config.load names what is wrong with it)."""
+    for ext in params.extensions:
+        if ext.value.type_url.rsplit("/", 1)[-1] == config_mod.RUNTIME_OPTIONS_TYPE:
+            return ext.value
+    return params.extensions[0].value if len(params.extensions) == 1 else None
+
+
+# BootstrapParams.log_level is an open enum (INFO 0, more verbose negative, more severe
+# positive): each value maps to the nearest name at or below it.
+LOG_LEVELS = {"trace": -8, "debug": -4, "info": 0, "warn": 4, "error": 8, "fatal": 10, "panic": 12}
+_PY_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+              "warn": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL,
+              "panic": logging.CRITICAL}
+
+
+def log_level_name(value: int) -> str:
+    below = [name for name, v in LOG_LEVELS.items() if v <= value]
+    return max(below, key=LOG_LEVELS.__getitem__) if below else "trace"
+
+
+def daemon_log_level(args: ShimArgs) -> int:
+    """The daemon's Python log level: -log-level (from BootstrapParams) if given, else
+    -debug (containerd < 2.3 passes it at debug/trace), else INFO."""
+    if args.log_level:
+        if args.log_level not in _PY_LEVELS:
+            raise ShimError(f"invalid -log-level {args.log_level!r} (one of {', '.join(LOG_LEVELS)})")
+        return _PY_LEVELS[args.log_level]
+    return logging.DEBUG if args.debug else logging.INFO
+
+
+def resolve_start(args: ShimArgs, inp: StartInput, env: dict[str, str]) -> None:
+    """Fill `args` (and the daemon's `env`) from BootstrapParams first, then the flags, then
+    containerd's env; see the module docstring. Changes args and env in place."""
+    p = inp.params
+    if p is not None:
+        # classify_stdin made sure that flags given agree with the params
+        args.id, args.namespace = p.instance_id or args.id, p.namespace or args.namespace
+        args.address = p.containerd_grpc_address or args.address
+        args.publish_binary = p.containerd_binary or args.publish_binary
+        if p.containerd_ttrpc_address:
+            env["TTRPC_ADDRESS"] = p.containerd_ttrpc_address
+        # INFO (0) is also "unset": then -debug, if containerd passed it, still counts
+        if p.log_level or not args.debug:
+            args.log_level = log_level_name(p.log_level)
+    args.namespace = args.namespace or env.get("NAMESPACE", "")
+    args.address = args.address or env.get("GRPC_ADDRESS", "")
+    if p is not None:
+        for what, field_name, value in (("id", "instance_id", args.id), ("namespace", "namespace", args.namespace)):
+            if not value:
+                raise ShimError(f"start: BootstrapParams.{field_name} is empty and no -{what} was given")
 
 
 def bootstrap_result(address: str) -> bytes:
@@ -278,6 +360,19 @@ def _high_fd(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
 
 
+def daemon_argv(args: ShimArgs, group: str, address: str, bundle: Path) -> list[str]:
+    """The daemon's command line: what start resolved (from BootstrapParams, flags or env) in
+    our own flags, so the daemon never depends on containerd passing its deprecated ones."""
+    argv = [*_shim_command(), "-namespace", args.namespace, "-address", args.address,
+            "-publish-binary", args.publish_binary, "-id", args.id, "-bundle", str(bundle),
+            "-group", group, "-socket", address]
+    if args.debug:
+        argv.append("-debug")
+    if args.log_level:
+        argv += ["-log-level", args.log_level]
+    return [*argv, "serve"]
+
+
 def spawn_daemon(args: ShimArgs, group: str, address: str, listener: socket.socket,
                  bundle: Path, env: dict[str, str]) -> tuple[int, int]:
     """fork + exec the daemon: new session, stdio on /dev/null, cwd = bundle, the listening
@@ -285,12 +380,7 @@ def spawn_daemon(args: ShimArgs, group: str, address: str, listener: socket.sock
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     sock_fd, pipe_fd = _high_fd(listener.fileno()), _high_fd(ready_w)
     os.close(ready_w)
-    argv = [*_shim_command(), "-namespace", args.namespace, "-address", args.address,
-            "-publish-binary", args.publish_binary, "-id", args.id, "-bundle", str(bundle),
-            "-group", group, "-socket", address]
-    if args.debug:
-        argv.append("-debug")
-    argv.append("serve")
+    argv = daemon_argv(args, group, address, bundle)
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:   # child: only async-signal-safe-ish calls until exec
@@ -360,18 +450,11 @@ def _discard_stale_group(paths: GroupPaths) -> None:
 def start(args: ShimArgs, stdin: bytes, env: dict[str, str] | None = None) -> bytes:
     """The `start` action; returns what to print on stdout."""
     env = dict(os.environ if env is None else env)
+    inp = classify_stdin(stdin, args.id, args.namespace)
+    resolve_start(args, inp, env)
     check_identifiers(args)
     bundle = Path(args.bundle or os.getcwd())
     group = group_id(args.id, read_annotations(bundle))
-    inp = classify_stdin(stdin, args.id, args.namespace)
-    if inp.params is not None:
-        p = inp.params
-        if p.containerd_ttrpc_address and not env.get("TTRPC_ADDRESS"):
-            env["TTRPC_ADDRESS"] = p.containerd_ttrpc_address
-        if p.containerd_grpc_address and not args.address:
-            args.address = p.containerd_grpc_address
-        if p.containerd_binary and not args.publish_binary:
-            args.publish_binary = p.containerd_binary
     try:
         cfg = config_mod.load(inp.options, env=env)   # a bad config fails here, with its key
     except config_mod.ConfigError as e:
@@ -457,6 +540,7 @@ def delete(args: ShimArgs, env: dict[str, str] | None = None) -> DeleteOutcome:
     "nothing there"; problems become warnings (containerd logs delete's stderr)."""
     env = dict(os.environ if env is None else env)
     out = DeleteOutcome()
+    args.namespace = args.namespace or env.get("NAMESPACE", "")   # containerd 1.7+ sets it
     check_identifiers(args)
     bundle = Path(args.bundle or os.getcwd())
     try:

@@ -3,6 +3,7 @@ classification (BootstrapParams vs options Any vs empty), outputs."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from google.protobuf import any_pb2
@@ -152,3 +153,117 @@ def test_outputs():
     assert info.name == "io.containerd.spinbox.v1" and info.version.version == contract.version()
     assert info.options.type_url == "runtimeoptions.v1.Options"
     assert "Version:  " + contract.version() in m.version_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap without the deprecated flags (containerd 2.3 marks -namespace/-id/-address/
+# -publish-binary deprecated; BootstrapParams carry the same)
+
+def _params(**kw) -> bootstrap_pb2.BootstrapParams:
+    base = dict(instance_id="t1", namespace="ns", containerd_version="2.3.0",
+                containerd_grpc_address="/run/c.sock", containerd_ttrpc_address="/run/c.sock.ttrpc",
+                containerd_binary="/usr/bin/containerd")
+    return bootstrap_pb2.BootstrapParams(**{**base, **kw})
+
+
+def test_bootstrap_params_without_flags_give_the_identity():
+    args = m.parse_args(["start"])
+    env: dict[str, str] = {}
+    inp = m.classify_stdin(_params(log_level=bootstrap_pb2.LOG_LEVEL_DEBUG).SerializeToString(),
+                           args.id, args.namespace)
+    assert inp.kind == "bootstrap"
+    m.resolve_start(args, inp, env)
+    m.check_identifiers(args)
+    assert (args.id, args.namespace, args.address, args.publish_binary, args.log_level) == \
+        ("t1", "ns", "/run/c.sock", "/usr/bin/containerd", "debug")
+    assert env["TTRPC_ADDRESS"] == "/run/c.sock.ttrpc"
+
+
+def test_bootstrap_params_win_over_flags_and_env_for_addresses():
+    args = m.parse_args(["-namespace", "ns", "-id", "t1", "-address", "/old.sock",
+                         "-publish-binary", "/old/containerd", "start"])
+    env = {"TTRPC_ADDRESS": "/old.sock.ttrpc", "GRPC_ADDRESS": "/old.sock"}
+    m.resolve_start(args, m.classify_stdin(_params().SerializeToString(), args.id, args.namespace), env)
+    assert (args.address, args.publish_binary, env["TTRPC_ADDRESS"]) == \
+        ("/run/c.sock", "/usr/bin/containerd", "/run/c.sock.ttrpc")
+
+
+def test_flags_and_env_fill_what_the_params_leave_empty():
+    args = m.parse_args(["-address", "/flag.sock", "-publish-binary", "/flag/containerd", "start"])
+    env = {"TTRPC_ADDRESS": "/env.sock.ttrpc"}
+    p = bootstrap_pb2.BootstrapParams(instance_id="t1", namespace="ns")
+    m.resolve_start(args, m.classify_stdin(p.SerializeToString(), args.id, args.namespace), env)
+    assert (args.id, args.address, args.publish_binary, env["TTRPC_ADDRESS"]) == \
+        ("t1", "/flag.sock", "/flag/containerd", "/env.sock.ttrpc")
+    # no params at all: containerd's env (1.7+) fills what the flags lack
+    legacy = m.parse_args(["-id", "t2", "start"])
+    m.resolve_start(legacy, m.classify_stdin(b""), {"NAMESPACE": "k8s.io", "GRPC_ADDRESS": "/g.sock"})
+    assert (legacy.namespace, legacy.address, legacy.log_level) == ("k8s.io", "/g.sock", "")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-id", "other"], "-id 'other' but BootstrapParams.instance_id 't1'"),
+    (["-namespace", "k8s.io"], "-namespace 'k8s.io' but BootstrapParams.namespace 'ns'"),
+])
+def test_flags_that_disagree_with_real_bootstrap_params_are_an_error(flags, message):
+    args = m.parse_args([*flags, "start"])
+    with pytest.raises(m.ShimError, match="name different tasks: " + message):
+        m.classify_stdin(_params().SerializeToString(), args.id, args.namespace)
+
+
+def test_bootstrap_params_without_an_id_and_no_flags_fail_start_by_name(tmp_path):
+    p = bootstrap_pb2.BootstrapParams(namespace="ns", containerd_version="2.3.0")
+    with pytest.raises(m.ShimError, match="BootstrapParams.instance_id is empty and no -id was given"):
+        m.start(m.parse_args(["start"]), p.SerializeToString(),
+                env={"SPINBOX_CONFIG": str(tmp_path / "none.json")})
+
+
+@pytest.mark.parametrize("value, name", [(-8, "trace"), (-4, "debug"), (-5, "trace"), (0, "info"),
+                                         (3, "info"), (4, "warn"), (8, "error"), (10, "fatal"),
+                                         (12, "panic"), (99, "panic"), (-99, "trace")])
+def test_log_level_names_of_the_open_enum(value, name):
+    assert m.log_level_name(value) == name
+
+
+def test_log_level_reaches_the_daemon():
+    import logging
+
+    def level(argv, params):
+        args = m.parse_args([*argv, "start"])
+        inp = m.classify_stdin(params.SerializeToString(), args.id, args.namespace)
+        m.resolve_start(args, inp, {})
+        return args.log_level, m.daemon_log_level(args)
+
+    assert level([], _params(log_level=bootstrap_pb2.LOG_LEVEL_TRACE)) == ("trace", logging.DEBUG)
+    assert level([], _params(log_level=bootstrap_pb2.LOG_LEVEL_WARN)) == ("warn", logging.WARNING)
+    assert level([], _params()) == ("info", logging.INFO)
+    # INFO (0) is also "unset": containerd's -debug still counts
+    assert level(["-debug"], _params()) == ("", logging.DEBUG)
+    # the daemon's hidden flag, as start passes it
+    assert m.daemon_log_level(m.parse_args(["-log-level", "error", "serve"])) == logging.ERROR
+    with pytest.raises(m.ShimError, match="invalid -log-level 'loud'"):
+        m.daemon_log_level(m.parse_args(["-log-level", "loud", "serve"]))
+
+
+def test_the_daemon_argv_carries_the_resolved_identity(tmp_path):
+    """The daemon never needs containerd's flags: start passes what it resolved, and the
+    daemon's own parser reads it back."""
+    args = m.parse_args(["start"])
+    m.resolve_start(args, m.classify_stdin(_params(log_level=-4).SerializeToString()), {})
+    argv = m.daemon_argv(args, "g1", "unix:///x", tmp_path)
+    back = m.parse_args(argv[argv.index("-namespace"):])
+    assert (back.namespace, back.id, back.address, back.publish_binary, back.log_level, back.group,
+            back.socket, back.bundle, back.action) == \
+        ("ns", "t1", "/run/c.sock", "/usr/bin/containerd", "debug", "g1", "unix:///x", str(tmp_path), "serve")
+
+
+def test_delete_takes_the_namespace_from_containerds_env(tmp_path):
+    import tempfile
+
+    cfg = tmp_path / "config.json"
+    short = tempfile.mkdtemp(prefix="sbx-", dir="/tmp")     # the state dir holds sockets: short
+    cfg.write_text(json.dumps({"paths": {"state_dir": short}}))
+    args = m.parse_args(["-id", "gone1", "-bundle", str(tmp_path), "delete"])
+    out = m.delete(args, env={"NAMESPACE": "ns", "SPINBOX_CONFIG": str(cfg)})
+    assert args.namespace == "ns" and out.warnings == []
+    os.rmdir(short)
