@@ -40,6 +40,7 @@ import pytest
 
 from integration.containerd import Containerd, missing_prerequisites
 from integration.images import import_busybox
+from spinbox.shim.network import cni
 
 pytestmark = pytest.mark.integration
 
@@ -188,8 +189,14 @@ def _is_template_file(rel: str) -> bool:
     return parts[0].startswith("templates") and not any(p.startswith((".b-", ".vm-")) for p in parts)
 
 
+# Host-wide flock files are meant to stay: removing one while another shim waits on it would
+# let two holders in (the CNI lock serialises every shim's CNI calls on the host).
+_PERSISTENT_ENTRIES = {os.path.basename(cni.DEFAULT_LOCK_PATH)}
+
+
 def _default_state_entries() -> set[str]:
-    return set(os.listdir(DEFAULT_STATE_DIR)) if DEFAULT_STATE_DIR.is_dir() else set()
+    entries = set(os.listdir(DEFAULT_STATE_DIR)) if DEFAULT_STATE_DIR.is_dir() else set()
+    return entries - _PERSISTENT_ENTRIES
 
 
 @pytest.fixture(scope="session")
