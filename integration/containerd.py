@@ -29,6 +29,7 @@ CONTAINERD = "containerd"
 CTR = "ctr"
 # Fixed paths used by ctr (stdio FIFOs) and the runc shim regardless of the configured state dir.
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+SANDBOX_CGROUP_PARENT = "spinbox"       # shim/vm/hostcgroup.py DEFAULT_PARENT
 RUN_DIRS = ("/run/containerd/fifo", "/run/containerd/runc", "/run/containerd/s", "/run/containerd")
 
 
@@ -101,6 +102,8 @@ class Containerd:
         # runc puts a namespace's containers in cgroups /<namespace>/<id>: the leaves go with
         # each container, the namespace's own dir in every hierarchy is ours to remove
         self._preexisting_cgroups = set(namespace_cgroups(CGROUP_ROOT, namespace))
+        self._preexisting_sandbox_cgroups = set(sandbox_cgroups(CGROUP_ROOT))
+        self._preexisting_sandbox_parents = set(namespace_cgroups(CGROUP_ROOT, SANDBOX_CGROUP_PARENT))
         self._log_file = None
 
     # -- construction -----------------------------------------------------------------------
@@ -266,6 +269,21 @@ class Containerd:
         shutil.rmtree(self.base, ignore_errors=True)
         self._remove_run_dirs()
         remove_cgroups(set(namespace_cgroups(CGROUP_ROOT, self.namespace)) - self._preexisting_cgroups)
+        # the host cgroups of sandboxes whose shims were killed above (their owner, the shim's
+        # teardown or `delete`, never ran): the leak checks report them before this runs
+        remove_cgroups(set(self.new_sandbox_cgroups()))
+
+    def new_sandbox_cgroups(self) -> list[Path]:
+        """Sandbox host cgroups (shim/vm/hostcgroup.py) made since create(), and their default
+        parent where it is new: the last sandbox to leave removes it."""
+        parents = set(namespace_cgroups(CGROUP_ROOT, SANDBOX_CGROUP_PARENT)) - self._preexisting_sandbox_parents
+        return sorted((set(sandbox_cgroups(CGROUP_ROOT)) - self._preexisting_sandbox_cgroups) | parents)
+
+
+def sandbox_cgroups(root: Path) -> list[Path]:
+    """Sandbox host cgroups under their default parent, `<hierarchy>/spinbox/spinbox-<id>`."""
+    return [d for p in namespace_cgroups(root, SANDBOX_CGROUP_PARENT) for d in p.iterdir()
+            if d.is_dir() and d.name.startswith("spinbox-")]
 
 
 def namespace_cgroups(root: Path, namespace: str) -> list[Path]:

@@ -176,6 +176,9 @@ def leftovers(env: Env) -> list[str]:
         files = [p for p in left if not (env.state_dir / p).is_dir() and not _is_template_file(p)]
         if files:
             problems.append(f"files under the spinbox state dir {env.state_dir}: {files}")
+    cgroups = env.c.new_sandbox_cgroups()
+    if cgroups:
+        problems.append(f"host cgroups: {[str(d) for d in cgroups]}")
     bundles = env.bundle_dir()
     if bundles.exists() and any(bundles.iterdir()):
         problems.append(f"task bundles in containerd's state dir: {sorted(os.listdir(bundles))}")

@@ -28,7 +28,7 @@ vCPU (QEMU's worker pool, each virtiofsd's thread pool). They follow a resize.
 
 Owner: the sandbox; recorded in the group's state (kind `cgroup`) before it is made;
 `release_cgroup_record` (stop, and `delete` after a crashed shim) kills what is left in it and
-removes the dirs.
+removes the dirs, and the default parent once no sandbox is left in it.
 """
 from __future__ import annotations
 
@@ -205,10 +205,18 @@ class SandboxCgroup:
 
     def create(self, limits: CgroupLimits) -> None:
         """Make the dirs (parents too; v2: controllers enabled on the way down), set `limits`."""
-        if self.layout.version == 2:
-            self._enable_down(self.layout.roots[0], self.rel.split("/"))
-        for d in self.dirs:
-            d.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            try:
+                if self.layout.version == 2:
+                    self._enable_down(self.layout.roots[0], self.rel.split("/"))
+                for d in self.dirs:
+                    d.mkdir(parents=True, exist_ok=True)
+                break
+            except FileNotFoundError as e:
+                # another sandbox's teardown removed the shared default parent between our
+                # mkdirs (remove_dirs): make it again; once our dir is in, it cannot go
+                if attempt == 2:
+                    raise HostCgroupError(f"creating {self.rel}: {e}") from None
         self.set_limits(limits)
 
     @staticmethod
@@ -328,7 +336,19 @@ def remove_dirs(dirs: list[Path], *, root: Path = CGROUP_ROOT, timeout: float = 
                 if time.monotonic() > deadline:
                     raise HostCgroupError(f"cannot remove {d}: {e}") from None
                 time.sleep(0.02)
+        if _is_default_parent(d.parent, root):
+            # The default parent is ours (made by the first sandbox): the last one to leave
+            # removes it. Not empty (a sibling lives) or gone (a sibling removed it) is fine.
+            with contextlib.suppress(OSError):
+                d.parent.rmdir()
+                done.append(f"removed {d.parent}")
     return done
+
+
+def _is_default_parent(d: Path, root: Path) -> bool:
+    """`<root>/spinbox` (v2) or `<root>/<controller>/spinbox` (v1); never a pod's cgroup or a
+    configured parent, which belong to someone else."""
+    return d.name == DEFAULT_PARENT.strip("/") and root in (d.parent, d.parent.parent)
 
 
 @releasers.releaser("cgroup")

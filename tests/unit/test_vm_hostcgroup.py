@@ -97,12 +97,60 @@ def test_owner_makes_resizes_and_removes_a_v1_cgroup(tmp_path: Path) -> None:
     assert (mem / "memory.limit_in_bytes").read_text() == str(hc.limits_for(1, 256).memory_bytes)
     owner.resized(2, 1024)
     assert (tmp_path / "cpu/spinbox/spinbox-sb1/cpu.cfs_quota_us").read_text() == "300000"
-    # a fake tree's dirs hold files (the kernel's do not): empty them so rmdir can work
-    for d in owner.dirs:
-        for f in Path(d).iterdir():
-            f.unlink()
+    _empty(owner.dirs)
     asyncio.run(owner.remove())
     assert not mem.exists() and owner.dirs == ()
+    # the default parent was made for it, and it was the last sandbox: nothing is left behind
+    assert [c for c in hc.V1_CONTROLLERS if (tmp_path / c / "spinbox").exists()] == []
+
+
+def _empty(dirs: tuple[str, ...]) -> None:
+    """A fake tree's dirs hold files (the kernel's do not): empty them so rmdir can work."""
+    for d in dirs:
+        for f in Path(d).iterdir():
+            f.unlink()
+
+
+def test_the_default_parent_stays_while_a_sibling_lives(tmp_path: Path) -> None:
+    _v1_tree(tmp_path)
+    a = hc.CgroupOwner("a", 1, 256, root=tmp_path)
+    b = hc.CgroupOwner("b", 1, 256, root=tmp_path)
+    a.prepare({})
+    b.prepare({})
+    _empty(a.dirs)
+    asyncio.run(a.remove())
+    assert (tmp_path / "pids" / "spinbox" / "spinbox-b").is_dir()
+    _empty(b.dirs)
+    asyncio.run(b.remove())
+    assert not (tmp_path / "pids" / "spinbox").exists()
+
+
+def test_a_pods_cgroup_is_never_removed_with_its_sandbox(tmp_path: Path) -> None:
+    _v1_tree(tmp_path)
+    for c in hc.V1_CONTROLLERS:
+        (tmp_path / c / "kubepods" / "podX").mkdir(parents=True)
+    owner = hc.CgroupOwner("sb", 1, 256, root=tmp_path)
+    owner.prepare(_cri("/kubepods/podX/sb"))
+    _empty(owner.dirs)
+    asyncio.run(owner.remove())
+    assert not (tmp_path / "pids" / "kubepods" / "podX" / "spinbox-sb").exists()
+    assert (tmp_path / "pids" / "kubepods" / "podX").is_dir()
+
+
+def test_creating_survives_a_sibling_removing_the_parent_meanwhile(tmp_path: Path, monkeypatch) -> None:
+    _v1_tree(tmp_path)
+    cg = hc.SandboxCgroup(hc.detect(tmp_path), "spinbox", "sb")  # type: ignore[arg-type]
+    real_mkdir = Path.mkdir
+    failed = []
+
+    def racing_mkdir(self, *a, **kw):
+        if self.name == "spinbox-sb" and not failed:     # the parent vanished under us, once
+            failed.append(self)
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_mkdir(self, *a, **kw)
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    cg.create(hc.limits_for(1, 256))
+    assert failed and all(d.is_dir() for d in cg.dirs)
 
 
 def test_remove_refuses_dirs_that_are_not_ours(tmp_path: Path) -> None:
