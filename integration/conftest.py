@@ -14,7 +14,7 @@ import pytest
 from integration.containerd import Containerd, missing_prerequisites
 
 
-def _skip_or_fail(reasons: list[str]) -> None:
+def skip_or_fail(reasons: list[str]) -> None:
     msg = "integration prerequisites missing: " + "; ".join(reasons)
     if os.environ.get("SPINBOX_REQUIRE_INTEGRATION"):
         pytest.fail(msg + " (SPINBOX_REQUIRE_INTEGRATION is set)", pytrace=False)
@@ -33,7 +33,7 @@ def containerd():
     .ctr_popen(...), .stop(), .restart(), .namespace, .fifo_dir. Torn down with everything it made."""
     why = missing_prerequisites()
     if why:
-        _skip_or_fail(why)
+        skip_or_fail(why)
     c = Containerd.create()
     try:
         yield c

@@ -33,6 +33,7 @@ from spinbox.api import contract
 from spinbox.api._pb.containerd.events import task_pb2 as ev
 
 from .agent import AgentEvent
+from .aio import race
 from .agent.records import ProcessState
 from .process import Container, ExitInfo, Process
 from .ratelimit import LogThrottle, TokenBucket
@@ -366,14 +367,7 @@ class GuestEventFollower:
     async def _follow(self, source: EventSource) -> None:
         # The event stream itself may wait forever on a dead VM's channel, so it is raced
         # against `source.lost`, the VM layer's verdict (QEMU exited).
-        follow = asyncio.ensure_future(self._consume(source))
-        lost = asyncio.ensure_future(source.lost.wait())
-        try:
-            await asyncio.wait([follow, lost], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (follow, lost):
-                t.cancel()
-            await asyncio.gather(follow, lost, return_exceptions=True)
+        await race(self._consume(source), source.lost.wait())
         if not self.closing():
             await self.report_lost()
 

@@ -31,6 +31,7 @@ from spinbox.api.contract import SHARES_ROOT
 from . import binds as binds_mod
 from . import resize as resize_mod
 from .agent import AgentClient, AgentEvent, Mount
+from .aio import race
 from .errors import FailedPrecondition, GuestUnavailable, HostError
 from .guest import Guest
 from .network.plan import guest_hostname
@@ -320,16 +321,8 @@ class VMSandbox(Sandbox):
         # out and dropped it, a protocol violation, the peer hung up), so no call or event can
         # reach us again; the live processes are then reported exited and Delete/Shutdown tear
         # the VM down instead of waiting on a guest that will never answer.
-        died = asyncio.ensure_future(guest.vm.wait_died())
-        dropped = asyncio.ensure_future(guest.agent.wait_connection_lost())
-        try:
-            await asyncio.wait([died, dropped], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (died, dropped):
-                t.cancel()
-            await asyncio.gather(died, dropped, return_exceptions=True)
-        died_first = died.done() and not died.cancelled() and died.exception() is None
-        self.mark_lost("QEMU exited" if died_first else "the agent connection was dropped")
+        await race(guest.vm.wait_died(), guest.agent.wait_connection_lost())
+        self.mark_lost("QEMU exited" if not guest.vm.alive else "the agent connection was dropped")
 
     async def _share(self, container_id: str, host_dir: str, prefix: str) -> str:
         self.machine.require(SandboxState.READY)     # nothing is attached to a lost or stopping VM

@@ -50,7 +50,7 @@ class Channel:
     async def send(self, stream_id: int, type: int, flags: int = 0, data: Payload = b"") -> None:
         """`data` is one buffer, or pieces written one after another (never joined here)."""
         self._check(data)
-        async with self._bounded("send"):
+        async with self._bounded():
             async with self.lock:
                 self._write(stream_id, type, flags, data)
                 await self._drain()
@@ -59,7 +59,7 @@ class Channel:
         """Send a frame on a stream id chosen by `allocate()` while holding the write lock, so that
         ids reach the wire in the order they were allocated (they must strictly increase)."""
         self._check(data)
-        async with self._bounded("send"):
+        async with self._bounded():
             async with self.lock:
                 if self.closed:
                     raise ConnectionClosed("ttrpc: connection closed")
@@ -69,7 +69,7 @@ class Channel:
         return stream_id
 
     @contextlib.asynccontextmanager
-    async def _bounded(self, what: str) -> AsyncIterator[None]:
+    async def _bounded(self) -> AsyncIterator[None]:
         """Bound a wait on the peer; on timeout the connection is dropped (aborted, so the read
         loop ends too and the owner's connection-lost path runs) and ConnectionClosed raised."""
         if self.send_timeout is None:
@@ -81,20 +81,17 @@ class Channel:
         except TimeoutError:
             self.abort()
             raise ConnectionClosed(
-                f"ttrpc: {what} timed out after {self.send_timeout:g}s (the peer stopped "
+                f"ttrpc: send timed out after {self.send_timeout:g}s (the peer stopped "
                 f"reading); connection dropped") from None
 
     def abort(self) -> None:
-        """Drop the connection now, discarding unsent bytes (close() would wait for the peer to
-        drain them first)."""
-        self.closed = True
+        """Drop the connection now, discarding unsent bytes (close() alone would wait for the
+        peer to drain them first); close() then ends the read side too."""
         try:
             self.writer.transport.abort()
         except Exception as exc:  # already broken transport
             log.debug("ttrpc: abort: %s", exc)
-        rtransport = getattr(self.reader, "_transport", None)
-        if rtransport is not None and rtransport is not self.writer.transport:
-            rtransport.close()  # open_fd_streams: the read side is a transport of its own
+        self.close()
 
     def _check(self, data: Payload) -> None:
         n = _length(data)

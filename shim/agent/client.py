@@ -370,7 +370,7 @@ class AgentClient:
                         _EVENT_LOG.warning("replay", "agent event seq %d not after %d: ignored", msg.seq, last)
                         continue
                     try:
-                        ev = _event_from(msg, last)
+                        ev = _event_from(msg)
                     except AgentProtocolError as e:
                         # One malformed event must not wedge the stream: failing it would
                         # resubscribe after `last` and be served the same event forever, so
@@ -397,9 +397,9 @@ class AgentClient:
 _EVENT_LOG = LogThrottle(log)
 
 
-def _event_from(msg: epb.Event, last: int) -> AgentEvent | None:
-    if msg.seq <= last:
-        raise protocol_error(f"event seq {msg.seq} not after {last}")
+def _event_from(msg: epb.Event) -> AgentEvent | None:
+    """The event in `msg` (its seq already checked by the caller), or None for a kind we do not
+    know; AgentProtocolError if a field breaks the contract."""
     check_time_ns(msg.timestamp_ns, "event")
     kind = msg.WhichOneof("event")
     if kind == "exit":

@@ -407,24 +407,34 @@ async def test_a_waited_for_qmp_event_arrives_through_a_flood(tmp_path):
         await server.wait_closed()
 
 
-async def test_an_exit_lost_in_an_event_gap_is_recovered_from_the_guest_state(box, monkeypatch):
-    """The guest's ring overflowed (a flood) and took c1's exit with it: after the gap the
-    follower asks the guest, and the exit reaches containerd with its real status."""
-    from spinbox.shim.agent.records import ProcessState
-
+async def _lose_c1s_exit(box, monkeypatch, answer) -> list[tuple[str, str]]:
+    """c1 runs, then its exit is dropped in the guest's ring (a gap is all the shim sees);
+    the guest's State calls go to `answer(pid, asked)`. Returns the (id, exec_id) asked."""
     monkeypatch.setattr(exits, "RECONCILE_INTERVAL_S", 0.01)
     await box.run("c1")
     pid = box.agent.procs[("c1", "")].pid
     asked: list[tuple[str, str]] = []
 
-    async def state(id: str, exec_id: str = "", **kw) -> ProcessState:
+    async def state(id: str, exec_id: str = "", **kw):
         asked.append((id, exec_id))
-        return ProcessState(id, exec_id, pid, 3, False, 5, time.time_ns(), False, False, False)
+        return answer(id, exec_id, pid, asked)
 
     box.agent.state = state
     for s in box.agent.outputs:
         s.end()
     box.agent.push("oom", "c1", gap=True)         # the exit itself was dropped in the ring
+    return asked
+
+
+def _stopped(id: str, exec_id: str, pid: int, asked: list) -> object:
+    from spinbox.shim.agent.records import ProcessState
+    return ProcessState(id, exec_id, pid, 3, False, 5, time.time_ns(), False, False, False)
+
+
+async def test_an_exit_lost_in_an_event_gap_is_recovered_from_the_guest_state(box, monkeypatch):
+    """The guest's ring overflowed (a flood) and took c1's exit with it: after the gap the
+    follower asks the guest, and the exit reaches containerd with its real status."""
+    asked = await _lose_c1s_exit(box, monkeypatch, _stopped)
     await until(lambda: "/tasks/exit" in box.pub.topics("c1"), 5.0)
     assert asked == [("c1", "")] and box.follower.reconciled == 1
 
@@ -433,22 +443,11 @@ async def test_a_state_query_that_fails_after_a_gap_is_asked_again(box, monkeypa
     """A busy guest may not answer the State query of the reconcile pass in time (seen under
     the hostile agent's flood): the process is asked again on a later pass, or its lost exit
     would never reach containerd and its Wait would hang."""
-    from spinbox.shim.agent.records import ProcessState
-
-    monkeypatch.setattr(exits, "RECONCILE_INTERVAL_S", 0.01)
-    await box.run("c1")
-    pid = box.agent.procs[("c1", "")].pid
-    asked: list[tuple[str, str]] = []
-
-    async def state(id: str, exec_id: str = "", **kw) -> ProcessState:
-        asked.append((id, exec_id))
+    def first_times_out(id: str, exec_id: str, pid: int, asked: list) -> object:
         if len(asked) == 1:
             raise TimeoutError()
-        return ProcessState(id, exec_id, pid, 3, False, 5, time.time_ns(), False, False, False)
+        return _stopped(id, exec_id, pid, asked)
 
-    box.agent.state = state
-    for s in box.agent.outputs:
-        s.end()
-    box.agent.push("oom", "c1", gap=True)         # the exit itself was dropped in the ring
+    asked = await _lose_c1s_exit(box, monkeypatch, first_times_out)
     await until(lambda: "/tasks/exit" in box.pub.topics("c1"), 5.0)
     assert asked == [("c1", ""), ("c1", "")] and box.follower.reconciled == 1

@@ -118,6 +118,8 @@ async def test_the_agent_channel_reports_a_dropped_connection():
 
 
 class _NeverDies:
+    alive = True
+
     async def wait_died(self) -> None:
         await asyncio.Event().wait()
 
