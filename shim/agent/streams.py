@@ -40,7 +40,11 @@ def _as_agent_error(e: BaseException, what: str) -> BaseException:
         return protocol_error(str(e))
     if isinstance(e, ttrpc.ConnectionClosed):
         return AgentUnavailable(f"{what}: connection to the guest agent lost ({e.message})")
-    if isinstance(e, ttrpc.TTRPCError) and not isinstance(e, ttrpc.DeadlineExceeded):
+    if isinstance(e, ttrpc.DeadlineExceeded):
+        # our own deadline, or the guest's answer DEADLINE_EXCEEDED: then the message is the
+        # guest's, and is sanitised like any other (as in AgentClient._unary)
+        return ttrpc.DeadlineExceeded(f"{what}: {sanitize(e.message)}")
+    if isinstance(e, ttrpc.TTRPCError):
         return ttrpc.error_from_status(int(e.code), f"guest: {what}: {sanitize(e.message)}")
     return e
 
