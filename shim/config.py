@@ -136,6 +136,19 @@ class ConfinementConfig:
 
 
 @dataclass(frozen=True)
+class AutoscaleConfig:
+    # shim/autoscale.py, docs/sizing.md: vCPUs follow guest CPU usage; off by default
+    enabled: bool = False
+    interval_s: float = _num(5.0, 0.2, 3600)        # how often the guest's CPU usage is read
+    grow_above_pct: float = _num(80.0, 1, 100)      # busy share of all online vCPUs
+    shrink_below_pct: float = _num(30.0, 0, 99)
+    sustain_s: float = _num(30.0, 0, 3600)          # how long usage must stay past a threshold
+    cooldown_s: float = _num(60.0, 0, 3600)         # nothing decided after a change
+    min_vcpus: int = _num(1, 1, 255)
+    max_vcpus: int | None = _num(None, 1, 255)      # null = cpu_hotplug.max_vcpus
+
+
+@dataclass(frozen=True)
 class SpinboxConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -145,6 +158,7 @@ class SpinboxConfig:
     memory_hotplug: MemoryHotplugConfig = field(default_factory=MemoryHotplugConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
     confinement: ConfinementConfig = field(default_factory=ConfinementConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     # where the values came from (files read, "options"), for logs and error messages
     sources: tuple[str, ...] = field(default=(), compare=False)
 
@@ -175,7 +189,7 @@ class SpinboxConfig:
 _SECTION_TYPES = {"paths": PathsConfig, "runtime": RuntimeConfig, "timeouts": TimeoutsConfig,
                   "network": NetworkConfig, "cpu_hotplug": CPUHotplugConfig,
                   "memory_hotplug": MemoryHotplugConfig, "guest": GuestConfig,
-                  "confinement": ConfinementConfig}
+                  "confinement": ConfinementConfig, "autoscale": AutoscaleConfig}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +306,23 @@ def _validate(cfg: SpinboxConfig) -> None:
                                                               "hot-plug: set max_memory_mb to null or use q35")
     if mem.backend == "pc-dimm" and cfg.effective_max_memory_mb > mem.memory_mb and mem.slots < 1:
         raise ConfigError("memory_hotplug.slots", "pc-dimm memory hot-plug needs at least one slot")
+    _validate_autoscale(cfg)
+
+
+def _validate_autoscale(cfg: SpinboxConfig) -> None:
+    a, top = cfg.autoscale, cfg.effective_max_vcpus
+    if a.shrink_below_pct >= a.grow_above_pct:
+        raise ConfigError("autoscale.shrink_below_pct", f"must be below grow_above_pct "
+                                                        f"({a.grow_above_pct:g}) (got {a.shrink_below_pct:g})")
+    if a.max_vcpus is not None and a.max_vcpus < a.min_vcpus:
+        raise ConfigError("autoscale.max_vcpus", f"must be >= min_vcpus ({a.min_vcpus}) (got {a.max_vcpus})")
+    if a.max_vcpus is not None and a.max_vcpus > top:
+        raise ConfigError("autoscale.max_vcpus", f"must be <= cpu_hotplug.max_vcpus ({top}) (got {a.max_vcpus})")
+    if a.min_vcpus > top:
+        raise ConfigError("autoscale.min_vcpus", f"must be <= cpu_hotplug.max_vcpus ({top}) (got {a.min_vcpus})")
+    if a.enabled and top == cfg.cpu_hotplug.vcpus:
+        raise ConfigError("autoscale.enabled", f"the VM cannot change its vCPUs (cpu_hotplug.max_vcpus = "
+                                               f"vcpus = {top}{', runtime.machine microvm' if cfg.runtime.machine == 'microvm' else ''})")
 
 
 def from_dict(data: Any, *, source: str | None = None) -> SpinboxConfig:
