@@ -46,9 +46,25 @@ def meminfo() -> dict[str, int]:
     return out
 
 
+def cpu_times_ms(stat: str | None = None) -> tuple[int, int]:
+    """(busy, idle) ms over all CPUs since boot, from /proc/stat's aggregate "cpu" line:
+    user nice system idle iowait irq softirq steal (guest time is already in user)."""
+    text = _read("/proc/stat") if stat is None else stat
+    for line in text.splitlines():
+        f = line.split()
+        if f and f[0] == "cpu":
+            t = [int(x) for x in f[1:9]] + [0] * max(0, 9 - len(f))
+            ms = 1000 // (os.sysconf("SC_CLK_TCK") or 100)
+            return (t[0] + t[1] + t[2] + t[5] + t[6] + t[7]) * ms, (t[3] + t[4]) * ms
+    return 0, 0
+
+
 def info() -> dict:
     mi = meminfo()
+    busy_ms, idle_ms = cpu_times_ms()
     return {
+        "cpu_busy_ms": busy_ms,
+        "cpu_idle_ms": idle_ms,
         "kernel": os.uname().release,
         "cpus_online": _count_range_list(_read("/sys/devices/system/cpu/online", "0")),
         "cpus_present": _count_range_list(_read("/sys/devices/system/cpu/present", "0")),

@@ -45,6 +45,7 @@ PING_TIMEOUT_S = 5.0             # a liveness ping answers at once or not at all
 MAX_PIDS = 65536
 MAX_RAW_STATS = 1 << 20
 MAX_CPUS = 4096
+MAX_CPU_MS = 1 << 53              # ~285 years of CPU time: anything past it is a lie
 
 
 class AgentClient:
@@ -279,8 +280,11 @@ class AgentClient:
             raise protocol_error(f"info: memory available {r.memory_available_bytes} > total {r.memory_total_bytes}")
         if not (r.uptime_s >= 0 and r.uptime_s < 1e10):    # also rejects NaN
             raise protocol_error(f"info: uptime {r.uptime_s}")
+        if max(r.cpu_busy_ms, r.cpu_idle_ms) > MAX_CPU_MS:
+            raise protocol_error(f"info: cpu time busy {r.cpu_busy_ms} ms / idle {r.cpu_idle_ms} ms")
         return GuestInfo(check_string(r.kernel, "info kernel", 256), r.cpus_online, r.cpus_present,
-                         r.memory_total_bytes, r.memory_available_bytes, r.uptime_s, r.pid1)
+                         r.memory_total_bytes, r.memory_available_bytes, r.uptime_s, r.pid1,
+                         r.cpu_busy_ms, r.cpu_idle_ms)
 
     async def set_time(self, unix_ns: int | None = None, *, timeout: float | None = AGENT_CALL_TIMEOUT_S) -> None:
         await self._unary(SVC_SYSTEM, "SetTime", sypb.SetTimeRequest(unix_ns=unix_ns or time.time_ns()),

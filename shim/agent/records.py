@@ -70,6 +70,8 @@ class GuestInfo:
     memory_available_bytes: int
     uptime_s: float
     pid1: bool
+    cpu_busy_ms: int = 0        # all CPUs since boot (/proc/stat): the vCPU controller's input
+    cpu_idle_ms: int = 0
 
     @property
     def memory_used_bytes(self) -> int:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from spinbox.api._pb.spinbox.agent.v1 import containers_pb2 as spinbox_dot_agent_dot_v1_dot_containers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspinbox/agent/v1/system.proto\x12\x10spinbox.agent.v1\x1a!spinbox/agent/v1/containers.proto\"F\n\x0fVersionResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\"\xa5\x01\n\x0cInfoResponse\x12\x0e\n\x06kernel\x18\x01 \x01(\t\x12\x13\n\x0b\x63pus_online\x18\x02 \x01(\r\x12\x14\n\x0c\x63pus_present\x18\x03 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x05 \x01(\x04\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x0c\n\x04pid1\x18\x07 \x01(\x08\"!\n\x0eSetTimeRequest\x12\x0f\n\x07unix_ns\x18\x01 \x01(\x03\"!\n\x11\x41\x64\x64\x45ntropyRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"&\n\x12SetHostnameRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\"!\n\x0fShutdownRequest\x12\x0e\n\x06reboot\x18\x01 \x01(\x08\"F\n\x12OnlineCpusResponse\x12\x0f\n\x07onlined\x18\x01 \x01(\r\x12\x0e\n\x06online\x18\x02 \x01(\r\x12\x0f\n\x07present\x18\x03 \x01(\r\"a\n\x14OnlineMemoryResponse\x12\x16\n\x0e\x62locks_onlined\x18\x01 \x01(\r\x12\x15\n\rblocks_online\x18\x02 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x32\xca\x05\n\x06System\x12\x38\n\x04Ping\x12\x17.spinbox.agent.v1.Empty\x1a\x17.spinbox.agent.v1.Empty\x12\x45\n\x07Version\x12\x17.spinbox.agent.v1.Empty\x1a!.spinbox.agent.v1.VersionResponse\x12?\n\x04Info\x12\x17.spinbox.agent.v1.Empty\x1a\x1e.spinbox.agent.v1.InfoResponse\x12\x44\n\x07SetTime\x12 .spinbox.agent.v1.SetTimeRequest\x1a\x17.spinbox.agent.v1.Empty\x12J\n\nAddEntropy\x12#.spinbox.agent.v1.AddEntropyRequest\x1a\x17.spinbox.agent.v1.Empty\x12L\n\x0bSetHostname\x12$.spinbox.agent.v1.SetHostnameRequest\x1a\x17.spinbox.agent.v1.Empty\x12\x38\n\x04Sync\x12\x17.spinbox.agent.v1.Empty\x1a\x17.spinbox.agent.v1.Empty\x12\x46\n\x08Shutdown\x12!.spinbox.agent.v1.ShutdownRequest\x1a\x17.spinbox.agent.v1.Empty\x12K\n\nOnlineCpus\x12\x17.spinbox.agent.v1.Empty\x1a$.spinbox.agent.v1.OnlineCpusResponse\x12O\n\x0cOnlineMemory\x12\x17.spinbox.agent.v1.Empty\x1a&.spinbox.agent.v1.OnlineMemoryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspinbox/agent/v1/system.proto\x12\x10spinbox.agent.v1\x1a!spinbox/agent/v1/containers.proto\"F\n\x0fVersionResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\"\xcf\x01\n\x0cInfoResponse\x12\x0e\n\x06kernel\x18\x01 \x01(\t\x12\x13\n\x0b\x63pus_online\x18\x02 \x01(\r\x12\x14\n\x0c\x63pus_present\x18\x03 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x05 \x01(\x04\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x0c\n\x04pid1\x18\x07 \x01(\x08\x12\x13\n\x0b\x63pu_busy_ms\x18\x08 \x01(\x04\x12\x13\n\x0b\x63pu_idle_ms\x18\t \x01(\x04\"!\n\x0eSetTimeRequest\x12\x0f\n\x07unix_ns\x18\x01 \x01(\x03\"!\n\x11\x41\x64\x64\x45ntropyRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"&\n\x12SetHostnameRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\"!\n\x0fShutdownRequest\x12\x0e\n\x06reboot\x18\x01 \x01(\x08\"F\n\x12OnlineCpusResponse\x12\x0f\n\x07onlined\x18\x01 \x01(\r\x12\x0e\n\x06online\x18\x02 \x01(\r\x12\x0f\n\x07present\x18\x03 \x01(\r\"a\n\x14OnlineMemoryResponse\x12\x16\n\x0e\x62locks_onlined\x18\x01 \x01(\r\x12\x15\n\rblocks_online\x18\x02 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x32\xca\x05\n\x06System\x12\x38\n\x04Ping\x12\x17.spinbox.agent.v1.Empty\x1a\x17.spinbox.agent.v1.Empty\x12\x45\n\x07Version\x12\x17.spinbox.agent.v1.Empty\x1a!.spinbox.agent.v1.VersionResponse\x12?\n\x04Info\x12\x17.spinbox.agent.v1.Empty\x1a\x1e.spinbox.agent.v1.InfoResponse\x12\x44\n\x07SetTime\x12 .spinbox.agent.v1.SetTimeRequest\x1a\x17.spinbox.agent.v1.Empty\x12J\n\nAddEntropy\x12#.spinbox.agent.v1.AddEntropyRequest\x1a\x17.spinbox.agent.v1.Empty\x12L\n\x0bSetHostname\x12$.spinbox.agent.v1.SetHostnameRequest\x1a\x17.spinbox.agent.v1.Empty\x12\x38\n\x04Sync\x12\x17.spinbox.agent.v1.Empty\x1a\x17.spinbox.agent.v1.Empty\x12\x46\n\x08Shutdown\x12!.spinbox.agent.v1.ShutdownRequest\x1a\x17.spinbox.agent.v1.Empty\x12K\n\nOnlineCpus\x12\x17.spinbox.agent.v1.Empty\x1a$.spinbox.agent.v1.OnlineCpusResponse\x12O\n\x0cOnlineMemory\x12\x17.spinbox.agent.v1.Empty\x1a&.spinbox.agent.v1.OnlineMemoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERSIONRESPONSE']._serialized_start=86
   _globals['_VERSIONRESPONSE']._serialized_end=156
   _globals['_INFORESPONSE']._serialized_start=159
-  _globals['_INFORESPONSE']._serialized_end=324
-  _globals['_SETTIMEREQUEST']._serialized_start=326
-  _globals['_SETTIMEREQUEST']._serialized_end=359
-  _globals['_ADDENTROPYREQUEST']._serialized_start=361
-  _globals['_ADDENTROPYREQUEST']._serialized_end=394
-  _globals['_SETHOSTNAMEREQUEST']._serialized_start=396
-  _globals['_SETHOSTNAMEREQUEST']._serialized_end=434
-  _globals['_SHUTDOWNREQUEST']._serialized_start=436
-  _globals['_SHUTDOWNREQUEST']._serialized_end=469
-  _globals['_ONLINECPUSRESPONSE']._serialized_start=471
-  _globals['_ONLINECPUSRESPONSE']._serialized_end=541
-  _globals['_ONLINEMEMORYRESPONSE']._serialized_start=543
-  _globals['_ONLINEMEMORYRESPONSE']._serialized_end=640
-  _globals['_SYSTEM']._serialized_start=643
-  _globals['_SYSTEM']._serialized_end=1357
+  _globals['_INFORESPONSE']._serialized_end=366
+  _globals['_SETTIMEREQUEST']._serialized_start=368
+  _globals['_SETTIMEREQUEST']._serialized_end=401
+  _globals['_ADDENTROPYREQUEST']._serialized_start=403
+  _globals['_ADDENTROPYREQUEST']._serialized_end=436
+  _globals['_SETHOSTNAMEREQUEST']._serialized_start=438
+  _globals['_SETHOSTNAMEREQUEST']._serialized_end=476
+  _globals['_SHUTDOWNREQUEST']._serialized_start=478
+  _globals['_SHUTDOWNREQUEST']._serialized_end=511
+  _globals['_ONLINECPUSRESPONSE']._serialized_start=513
+  _globals['_ONLINECPUSRESPONSE']._serialized_end=583
+  _globals['_ONLINEMEMORYRESPONSE']._serialized_start=585
+  _globals['_ONLINEMEMORYRESPONSE']._serialized_end=682
+  _globals['_SYSTEM']._serialized_start=685
+  _globals['_SYSTEM']._serialized_end=1399
 # @@protoc_insertion_point(module_scope)

@@ -16,7 +16,7 @@ class VersionResponse(_message.Message):
     def __init__(self, agent_version: _Optional[str] = ..., api: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("kernel", "cpus_online", "cpus_present", "memory_total_bytes", "memory_available_bytes", "uptime_s", "pid1")
+    __slots__ = ("kernel", "cpus_online", "cpus_present", "memory_total_bytes", "memory_available_bytes", "uptime_s", "pid1", "cpu_busy_ms", "cpu_idle_ms")
     KERNEL_FIELD_NUMBER: _ClassVar[int]
     CPUS_ONLINE_FIELD_NUMBER: _ClassVar[int]
     CPUS_PRESENT_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,8 @@ class InfoResponse(_message.Message):
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     PID1_FIELD_NUMBER: _ClassVar[int]
+    CPU_BUSY_MS_FIELD_NUMBER: _ClassVar[int]
+    CPU_IDLE_MS_FIELD_NUMBER: _ClassVar[int]
     kernel: str
     cpus_online: int
     cpus_present: int
@@ -31,7 +33,9 @@ class InfoResponse(_message.Message):
     memory_available_bytes: int
     uptime_s: float
     pid1: bool
-    def __init__(self, kernel: _Optional[str] = ..., cpus_online: _Optional[int] = ..., cpus_present: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ..., pid1: _Optional[bool] = ...) -> None: ...
+    cpu_busy_ms: int
+    cpu_idle_ms: int
+    def __init__(self, kernel: _Optional[str] = ..., cpus_online: _Optional[int] = ..., cpus_present: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ..., pid1: _Optional[bool] = ..., cpu_busy_ms: _Optional[int] = ..., cpu_idle_ms: _Optional[int] = ...) -> None: ...
 
 class SetTimeRequest(_message.Message):
     __slots__ = ("unix_ns",)
