@@ -11,7 +11,8 @@ import os
 
 import pytest
 
-from integration.containerd import Containerd, missing_prerequisites
+from integration.containerd import BIN_DIR, BIN_DIR_ENV, Containerd, ContainerdError, containerd_version, \
+    missing_prerequisites
 
 
 def skip_or_fail(reasons: list[str]) -> None:
@@ -23,8 +24,15 @@ def skip_or_fail(reasons: list[str]) -> None:
 
 def pytest_report_header(config):
     why = missing_prerequisites()
-    return "containerd integration: " + ("ready (root, containerd, ctr)" if not why
-                                         else "WILL SKIP: " + "; ".join(why))
+    if why:
+        return "containerd integration: WILL SKIP: " + "; ".join(why)
+    # the version under test: the matrix (docs/testing.md) runs the suites once per release
+    where = f"{BIN_DIR_ENV}={BIN_DIR}" if BIN_DIR else "PATH"
+    try:
+        version = containerd_version()
+    except ContainerdError as e:
+        version = f"of unknown version ({e})"
+    return f"containerd integration: ready (root, containerd {version} from {where})"
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-CONTAINERD = "containerd"
-CTR = "ctr"
+# The containerd under test: SPINBOX_TEST_CONTAINERD_BIN=<dir> takes containerd, ctr and the
+# runc shim (containerd-shim-runc-v2) from <dir> (the version matrix, docs/testing.md); unset,
+# the system's on PATH. The dir also goes first on containerd's PATH (after the test's own
+# prefix): containerd looks shims up on its PATH, and runc's must be of the same release.
+BIN_DIR_ENV = "SPINBOX_TEST_CONTAINERD_BIN"
+BIN_DIR = os.environ.get(BIN_DIR_ENV) or None
+BINARIES = ("containerd", "ctr", "containerd-shim-runc-v2")
+CONTAINERD = os.path.join(BIN_DIR, "containerd") if BIN_DIR else "containerd"
+CTR = os.path.join(BIN_DIR, "ctr") if BIN_DIR else "ctr"
 # Fixed paths used by ctr (stdio FIFOs) and the runc shim regardless of the configured state dir.
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SANDBOX_CGROUP_PARENT = "spinbox"       # shim/vm/hostcgroup.py DEFAULT_PARENT
@@ -42,10 +49,26 @@ def missing_prerequisites() -> list[str]:
     why = []
     if os.geteuid() != 0:
         why.append("not running as root")
+    if BIN_DIR:
+        if not os.path.isdir(BIN_DIR):
+            return why + [f"{BIN_DIR_ENV}={BIN_DIR} is not a directory (scripts/fetch-containerd prints them)"]
+        for tool in BINARIES:
+            if not os.access(os.path.join(BIN_DIR, tool), os.X_OK):
+                why.append(f"no executable {tool} in {BIN_DIR_ENV}={BIN_DIR} (scripts/fetch-containerd)")
+        return why
     for tool in (CONTAINERD, CTR):
         if shutil.which(tool) is None:
             why.append(f"`{tool}` not found on PATH (Debian package containerd)")
     return why
+
+
+def containerd_version() -> str:
+    """`containerd --version`'s version field of the containerd under test (e.g. 1.6.20~ds1)."""
+    r = subprocess.run([CONTAINERD, "--version"], capture_output=True, text=True, timeout=30)
+    fields = r.stdout.split()
+    if r.returncode != 0 or len(fields) < 3:
+        raise ContainerdError(f"{CONTAINERD} --version failed ({r.returncode}): {r.stderr.strip()}")
+    return fields[2]
 
 
 def _config(base: Path, cri: bool, sandbox_image: str | None = None, extra: str = "") -> str:
@@ -130,7 +153,8 @@ class Containerd:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PATH"] = os.pathsep.join([*self.path_prefix, env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+        env["PATH"] = os.pathsep.join([*self.path_prefix, *([BIN_DIR] if BIN_DIR else []),
+                                       env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
         env.update(self.extra_env)
         return env
 
