@@ -213,6 +213,7 @@ class ContainerManager:
     async def _create(self, undo: contextlib.AsyncExitStack, id: str, bundle: Path,
                       stdio: StdioPaths, mounts: list[rootfs_mod.MountSpec]) -> Container:
         spec = spec_mod.load_spec(bundle / "config.json")
+        spec_mod.refuse_host_namespaces(spec)       # before anything is made for the container
         binds = spec_mod.plan_binds(spec)
         need = sizing.need_of_spec(spec)            # bad sizing annotations fail before anything
         c = Container(id, str(bundle), stdio)
@@ -236,7 +237,9 @@ class ContainerManager:
         shared = await sb.share_binds(id, binds)
         self.timelines.mark(id, "shared")
         adapted, notes = spec_mod.adapt_spec(spec, rootfs=guest_root.path or "rootfs",
-                                             shared=shared.sources, terminal=stdio.terminal)
+                                             shared=shared.sources, terminal=stdio.terminal,
+                                             inits={o.init.pid: o.id for o in self.containers.values()
+                                                    if o.init.pid and not o.init.exited})
         for n in notes:
             log.info("%s: %s", id, n)
 

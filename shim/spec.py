@@ -4,8 +4,14 @@ The spec names host things. What the shim changes before it goes to the agent:
 * `root.path`: the guest path of the shared rootfs;
 * the network namespace: the VM is the sandbox's network, so the namespace (and its host CNI
   netns `path`) is dropped -- the container runs in the guest's network namespace;
-* other namespace paths (`/proc/<host pid>/ns/...`) mean nothing in the guest: dropped with a
-  note (a new namespace is made);
+* other namespace paths: CRI gives a pod's containers `/proc/<pid>/ns/{pid,ipc,uts}` of the
+  pod's sandbox (pause) container, where <pid> is the pid this shim reported for it, which is
+  its pid in the guest. A path naming a container of this sandbox is kept: the guest's runc
+  joins that container's namespace (vminitd.podns checks it again). Any other path is a host
+  namespace, which a VM cannot join: refused, never replaced by a new namespace;
+* a CRI pod that asks for the host's network, PID or IPC namespace (its spec has no entry of
+  that type) is refused before anything is made (`refuse_host_namespaces`): a VM cannot share
+  them, and running it with the VM's own instead would be a silent lie;
 * hooks: host binaries, dropped;
 * bind mounts of host paths: each one is shared into the guest (as the rootfs is) and its
   source rewritten to the guest path, or refused with an error naming the mount. Never
@@ -19,12 +25,20 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidArgument
 
 _BIND_TYPES = ("bind", "rbind")
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"     # as shim.manager reads it
+_NS_PATH_RE = re.compile(r"/proc/([1-9][0-9]{0,9})/ns/([a-z]{1,8})")
+_NS_FILES = {"pid": "pid", "ipc": "ipc", "uts": "uts", "mount": "mnt", "user": "user",
+             "cgroup": "cgroup", "time": "time"}
+# what a CRI pod asking for a host namespace calls it (the spec then has no entry of the type)
+_HOST_NAMESPACE_FIELDS = (("network", "hostNetwork"), ("pid", "hostPID"), ("ipc", "hostIPC"))
 
 
 class SpecError(InvalidArgument, ValueError):
@@ -75,6 +89,36 @@ def mount_points(spec: dict[str, Any], binds: list[BindMount]) -> list[tuple[str
     return out
 
 
+def _namespace_types(spec: dict[str, Any]) -> set[Any]:
+    linux = spec.get("linux")
+    entries = linux.get("namespaces") if isinstance(linux, dict) else None
+    return {ns.get("type") for ns in entries or [] if isinstance(ns, dict)}
+
+
+def refuse_host_namespaces(spec: dict[str, Any]) -> None:
+    """A CRI sandbox or container spec without a network/pid/ipc namespace entry asks for the
+    host's (hostNetwork/hostPID/hostIPC): refused, naming them and why. Outside CRI (ctr) a
+    missing entry keeps meaning "the sandbox's own", as before."""
+    ann = spec.get("annotations")
+    if not isinstance(ann, dict) or CRI_CONTAINER_TYPE not in ann:
+        return
+    have = _namespace_types(spec)
+    asked = [name for kind, name in _HOST_NAMESPACE_FIELDS if kind not in have]
+    if asked:
+        raise SpecError(f"the pod asks for {', '.join(asked)}: a spinbox pod runs in its own VM, which "
+                        "cannot share the host's network, PID or IPC namespace (run such pods with a "
+                        "runtime that shares the host kernel, e.g. runc)")
+
+
+def _joined_namespace(kind: Any, path: Any, inits: Mapping[int, str]) -> tuple[dict[str, str], str]:
+    m = _NS_PATH_RE.fullmatch(path) if isinstance(path, str) else None
+    owner = inits.get(int(m.group(1))) if m else None
+    if m is None or owner is None or m.group(2) != _NS_FILES.get(kind):
+        raise SpecError(f"{kind} namespace path {path!r} is not a namespace of a container in this "
+                        "sandbox: a VM cannot join a host namespace")
+    return {"type": kind, "path": path}, f"{kind} namespace: joins container {owner}'s in the guest"
+
+
 def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
     """An OCI type that containerd sends as JSON in an Any (exec Process, LinuxResources)."""
     try:
@@ -121,8 +165,12 @@ def plan_binds(spec: dict[str, Any]) -> list[BindMount]:
 
 
 def adapt_spec(spec: dict[str, Any], *, rootfs: str, shared: dict[int, str] | None = None,
-               terminal: bool | None = None) -> tuple[dict[str, Any], list[str]]:
+               terminal: bool | None = None,
+               inits: Mapping[int, str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Return (spec for the guest, notes on what changed).
+
+    `inits`: pid (as reported, i.e. in the guest) -> id of each container of this sandbox whose
+    init runs: the namespaces a namespace path may name.
 
     `rootfs`: the guest path of the container's root filesystem. `shared`: for every bind
     (`BindMount.index`) the sandbox shared, the guest path of its source; a bind missing there
@@ -155,8 +203,8 @@ def adapt_spec(spec: dict[str, Any], *, rootfs: str, shared: dict[int, str] | No
                 notes.append(f"network namespace {ns.get('path') or '(new)'!r}: the VM provides the network")
                 continue
             if ns.get("path"):
-                notes.append(f"{kind} namespace path {ns['path']!r} is a host path: using a new namespace")
-                ns = {"type": kind}
+                ns, note = _joined_namespace(kind, ns["path"], inits or {})
+                notes.append(note)
             namespaces.append(ns)
         if "namespaces" in linux:
             linux["namespaces"] = namespaces

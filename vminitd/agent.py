@@ -23,7 +23,7 @@ from typing import Any
 from spinbox.api.contract import SHARES_ROOT
 
 from . import bundle as _bundle
-from . import cgroups, mounts
+from . import cgroups, mounts, podns
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RuntimeFailed
 from .events import EventLog
 from .fdio import wait_readable
@@ -107,6 +107,7 @@ class Container:
     mounted: list[str] = field(default_factory=list)   # rootfs mounts we made (unmount on delete)
     execs: dict[str, Process] = field(default_factory=dict)
     oom_seen: int = 0
+    joins_pid_ns: bool = False     # its PID namespace is another container's (a pod's shared one)
 
 
 class Agent:
@@ -297,12 +298,16 @@ class Agent:
                 adapted, notes = _bundle.adapt_spec(parsed, id, rootfs, terminal=terminal,
                                                     readonly=readonly or None,
                                                     cgroup_parent=self.cgroup_parent,
-                                                    sandbox_files=self.sandbox_files)
+                                                    sandbox_files=self.sandbox_files,
+                                                    inits=self._live_inits())
+                net_sysctls = podns.split_net_sysctls(adapted["linux"])
                 for n in notes:
                     log.debug(f"{id}: {n}")
+                podns.apply_sysctls(net_sysctls)     # the VM's network namespace is the pod's
                 _bundle.write_json(bdir / "config.json", adapted)
                 init = Process(id, "", terminal, StdioWanted(stdin, stdout, stderr), ProcessState(id))
-                c = Container(id, bdir, init, _bundle.cgroup_path(id, self.cgroup_parent), mounted)
+                c = Container(id, bdir, init, _bundle.cgroup_path(id, self.cgroup_parent), mounted,
+                              joins_pid_ns=podns.joins_pid_namespace(adapted))
                 pid_file = bdir / "init.pid"
                 since = time.monotonic()
 
@@ -376,6 +381,10 @@ class Agent:
         p.exited.set()
         log.debug(f"{p.name}: pid {ex.pid} exited with {ex.status}")
         if not p.exec_id:
+            if c.joins_pid_ns:
+                # The PID namespace outlives this init: end the container's other processes
+                # (its execs, their children) as the kernel would have with its own namespace.
+                await self._kill_rest(c)
             # The init's exit comes after the exits of its execs (the kernel kills them with
             # the init's pid namespace); bounded like the output drain.
             running = [e for e in c.execs.values() if e.pid and not e.reported.is_set()]
@@ -389,6 +398,17 @@ class Agent:
         self.events.publish("exit", id=c.id, exec_id=p.exec_id, pid=ex.pid, exit_status=ex.status,
                             exited_at_ns=ex.at_ns)
         p.reported.set()
+
+    async def _kill_rest(self, c: Container) -> None:
+        try:
+            await self.runc.kill(c.id, int(_signal.SIGKILL), all=True)
+        except Exception as e:      # nothing left to kill is the usual case
+            log.debug(f"{c.id}: killing the rest after the init's exit: {e}")
+
+    def _live_inits(self) -> dict[int, str]:
+        """pid -> container id of every container init not yet reaped: the namespaces a new
+        container may join."""
+        return {c.init.pid: c.id for c in self.containers.values() if c.init.pid and c.init.exit is None}
 
     async def wait(self, id: str, exec_id: str = "") -> tuple[int, int, int]:
         p = self.process(id, exec_id)

