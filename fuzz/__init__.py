@@ -16,4 +16,6 @@ TARGETS = {
     "frames": "frames",
     "server": "server",
     "replies": "replies",
+    "events": "events",
+    "stdio": "stdio",
 }
