@@ -2,6 +2,7 @@
 
     spinbox check                      diagnose this host and boot one test VM
     spinbox template build|list|remove the VM template cache of this host's config
+    spinbox monitor [--listen|--socket]  Prometheus endpoint for every sandbox (docs/monitoring.md)
     spinbox install [--root D] [--dry-run] [--edit-config] [--cni]
                                        put the shim where the host's containerd finds it
     spinbox uninstall [--root D] [--dry-run]  remove exactly what install added
@@ -86,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="build: boot and save the template of this config's VM shape now "
                          "(the first sandbox then starts from it); list; remove all")
     _add_install_parsers(sub)
+    # listed here for --help; its own parser takes its arguments (below)
+    sub.add_parser("monitor", add_help=False,
+                   help="Prometheus metrics of this node's sandboxes (spinbox monitor --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["monitor"]:
+        from spinbox.shim.monitor import run as run_monitor
+
+        return run_monitor(argv[1:])
     args = ap.parse_args(argv)
     if args.cmd == "check":
         from spinbox.shim.check import run_check

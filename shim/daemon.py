@@ -8,6 +8,7 @@
   `<state>/<ns>/<group>/shim.log` when nobody reads the FIFO; written by a thread from a bounded
   queue (shim.logwriter), so a slow reader drops log lines (counted) instead of stalling RPCs.
 * Services: the Task API, built by `shim.assembly.vm_task_service` (a VM per sandbox).
+  Beside it the read-only Monitor service (shim.monitor_service) for `spinbox monitor`.
 * Exit: `ctx.request_shutdown()` (the Task service's Shutdown with no task left) or
   SIGTERM/SIGINT → stop serving → cleanups registered with `ctx.add_cleanup` (newest first) →
   flush events → release whatever the state still records → remove the state → exit 0.
@@ -37,6 +38,7 @@ from spinbox.api import contract
 from spinbox.shim.assembly import vm_task_service
 from spinbox.shim.logwriter import NonBlockingHandler
 from spinbox.shim.manager import ShimArgs, daemon_log_level, socket_path
+from spinbox.shim.monitor_service import MonitorService
 from spinbox.shim.publisher import Publisher
 from spinbox.shim.state import GroupLock, GroupPaths, State, cleanup_all
 
@@ -82,6 +84,7 @@ def build_services(server: ttrpc.Server, ctx: ShimContext) -> None:
                           state=ctx.state, publisher=ctx.publisher, request_exit=ctx.request_shutdown)
     svc.register(server)
     ctx.add_cleanup("task service", svc.close)
+    MonitorService(svc.manager).register(server)     # read-only figures for `spinbox monitor`
 
 
 # ---------------------------------------------------------------------------------------------

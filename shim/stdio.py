@@ -29,6 +29,7 @@ import stat
 from typing import Protocol
 from urllib.parse import urlparse
 
+from .counters import STDIO
 from .errors import InvalidArgument, NotFound, Unimplemented
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ async def pump_output(source: OutputStream, fd: int) -> int:
                 broken = True
                 log.warning("stdio: writing output failed (%s); discarding the rest", e)
         total += len(chunk)
+        STDIO.out += len(chunk)
         await source.consumed(len(chunk))
 
 
@@ -174,6 +176,7 @@ async def pump_input(fd: int, sink: InputStream) -> int:
             return total
         await sink.write(data)
         total += len(data)
+        STDIO.into += len(data)
 
 
 class ProcessIO:

@@ -26,6 +26,7 @@ from spinbox.api._pb.containerd.types import mount_pb2
 from spinbox.api._pb.containerd.types.runc.options import oci_pb2
 from spinbox.api._pb.containerd.types.task import task_pb2
 
+from . import monitor_service
 from . import rootfs as rootfs_mod
 from .containers import ContainerManager
 from .errors import InvalidArgument, Unimplemented, maps_errors
@@ -193,6 +194,10 @@ class TaskService:
         m.pids.current = r.pids_current
         m.pids.limit = r.pids_limit
         m.memory_events.oom_kill = r.oom_kills
+        if monitor_service.is_sandbox_task(self.manager, c.id):     # it stands for the whole VM
+            vm = await monitor_service.vm_figures(self.manager)
+            if vm is not None:
+                monitor_service.apply_vm_figures(m, vm)
         return shim_pb2.StatsResponse(stats=api_types.pack_any(m))
 
     @maps_errors

@@ -29,6 +29,7 @@ from spinbox.api._pb.spinbox.agent.v1 import network_pb2 as npb
 from spinbox.api._pb.spinbox.agent.v1 import system_pb2 as sypb
 from spinbox.api.contract import AGENT_CALL_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 
+from ..counters import AGENT_CALLS
 from ..ratelimit import LogThrottle
 from .errors import AgentProtocolError, AgentUnavailable
 from .records import (STATUS_NAMES, AgentEvent, CpuOnline, ExitStatus, GuestInfo, GuestVersion,
@@ -89,7 +90,8 @@ class AgentClient:
         return agent
 
     async def _ping(self, timeout: float) -> None:
-        await self._unary(SVC_SYSTEM, "Ping", cpb.Empty(), cpb.Empty, timeout)
+        # not counted: the boot probe's pings fail until the guest is up, by design
+        await self._call(SVC_SYSTEM, "Ping", cpb.Empty(), cpb.Empty, timeout)
 
     @property
     def connected(self) -> bool:
@@ -126,6 +128,17 @@ class AgentClient:
 
     async def _unary(self, service: str, method: str, request: Any, response_type: type,
                      timeout: float | None) -> Any:
+        t0 = time.monotonic()           # counted for the Monitor service (shim.counters)
+        try:
+            r = await self._call(service, method, request, response_type, timeout)
+        except Exception:
+            AGENT_CALLS.observe(method, time.monotonic() - t0, False)
+            raise
+        AGENT_CALLS.observe(method, time.monotonic() - t0, True)
+        return r
+
+    async def _call(self, service: str, method: str, request: Any, response_type: type,
+                    timeout: float | None) -> Any:
         if self._channel.closed:
             raise AgentUnavailable("agent client is closed")
         client = self._channel.client
@@ -165,7 +178,9 @@ class AgentClient:
         check_request_id(exec_id, "exec id", allow_empty=True)
         resp = await self._unary(SVC_CONTAINERS, "Start", cpb.StartRequest(id=id, exec_id=exec_id),
                                  cpb.StartResponse, timeout)
-        return check_pid(resp.pid, f"start {id}/{exec_id}")
+        pid = check_pid(resp.pid, f"start {id}/{exec_id}")
+        AGENT_CALLS.started(exec_id)
+        return pid
 
     async def exec(self, id: str, exec_id: str, process: dict[str, Any] | bytes, *, terminal: bool = False,
                    stdin: bool = False, stdout: bool = False, stderr: bool = False,
