@@ -15,6 +15,7 @@ function that releases one record of that kind, at import:
 | `network` | shim.network.attachment               | shim.network.attachment: release_network_record |
 | `cgroup`  | shim.vm.hostcgroup (a sandbox's cgroup)| shim.vm.hostcgroup: release_cgroup_record     |
 | `socket`  | manager `start`, daemon (-socket)     | here: release_socket_record                     |
+| `vmsize`  | shim.resize (a VM's confirmed size)   | shim.resize: release_size_record (says it; the devices go with QEMU) |
 
 A process that only cleans up (`delete`, the daemon's exit) may never have imported an owner:
 `lookup` of a kind nobody registered yet runs `register_all()`, which imports every owner, so
@@ -40,6 +41,7 @@ OWNERS = (
     "spinbox.shim.vm.machine",
     "spinbox.shim.vm.hostcgroup",
     "spinbox.shim.network.attachment",
+    "spinbox.shim.resize",
 )
 
 _registry: dict[str, Releaser] = {}

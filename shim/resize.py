@@ -9,21 +9,35 @@ A grow that fails part way is undone (best effort) before the error leaves.
 Shrinking: hot-plugged vCPUs are unplugged newest first (the guest offlines them for the ACPI
 eject) and virtio-mem is asked for less; what the guest does not give back within the timeout
 is logged and kept in the recorded size: the size is never claimed smaller than confirmed.
+
+One resize at a time: `lock` is held by whoever resizes (shim.sandbox.VMSandbox.resize, which
+Create, Update and the vCPU controller all go through).
+
+Persisted: every confirmed size is written to the shim's state as a `vmsize` record (the
+vCPUs, the plugged memory, the hot-plugged devices by id), so `delete` after a crash reports
+what the VM had, and a resizer made again for the same VM (`adopt`) resizes from that size
+instead of the boot shape. The record goes when the sandbox stops (`forget`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from . import releasers
 from .agent import AgentClient
 from .sizing import MiB, Limits, Size, SizingError, dimm_sizes
+from .state import State
 from .vm import devices
 from .vm.machine import VM
 
 log = logging.getLogger(__name__)
 CONFIRM_TIMEOUT_S = 60.0      # TCG guest, 2 shared host cores: onlining 1 GiB takes seconds
+UNPLUG_TIMEOUT_S = 30.0       # one vCPU's ACPI eject: the guest offlines it first
+RECORD_KIND = "vmsize"
 
 
 def limits_of(vm: VM) -> Limits:
@@ -35,12 +49,71 @@ def base_of(vm: VM) -> Size:
     return Size(vm.config.vcpus, vm.config.memory_mb)
 
 
+@dataclass(frozen=True)
+class SizeRecord:
+    """What a `vmsize` record holds: the confirmed size and the devices behind it."""
+    vcpus: int
+    memory_mb: int
+    cpus: tuple[tuple[str, Mapping[str, int]], ...] = ()       # (device id, slot props), oldest first
+    dimms: tuple[tuple[str, str, int], ...] = ()               # (device id, backend id, MiB)
+    base_total: int | None = None                              # guest MemTotal before any plug
+
+    def to_data(self) -> dict[str, Any]:
+        return {"vcpus": self.vcpus, "memory_mb": self.memory_mb,
+                "cpus": [{"id": i, "props": dict(p)} for i, p in self.cpus],
+                "dimms": [{"id": i, "backend_id": b, "size_mb": m} for i, b, m in self.dimms],
+                "base_total": self.base_total}
+
+    @classmethod
+    def from_data(cls, d: Mapping[str, Any]) -> SizeRecord:
+        """A record read back (root's own file, still checked: a half-written or hand-edited
+        one must fail here by name, not later in QMP)."""
+        def num(v: Any, what: str, lo: int = 0) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise SizingError(f"vmsize record: {what} must be an integer >= {lo} (got {v!r})")
+            return v
+
+        def name(v: Any, what: str) -> str:
+            if not isinstance(v, str) or not v or len(v) > 64 or not v.replace("-", "").isalnum():
+                raise SizingError(f"vmsize record: {what} must be a device id (got {v!r})")
+            return v
+        try:
+            cpus = tuple((name(c["id"], "cpus[].id"),
+                          {str(k): num(x, f"cpus[].props.{k}") for k, x in dict(c["props"]).items()})
+                         for c in d.get("cpus") or ())
+            dimms = tuple((name(m["id"], "dimms[].id"), name(m["backend_id"], "dimms[].backend_id"),
+                           num(m["size_mb"], "dimms[].size_mb", 1)) for m in d.get("dimms") or ())
+        except (KeyError, TypeError, ValueError) as e:
+            raise SizingError(f"vmsize record: malformed device list ({e})") from None
+        bt = d.get("base_total")
+        return cls(num(d.get("vcpus"), "vcpus", 1), num(d.get("memory_mb"), "memory_mb", 1), cpus, dimms,
+                   None if bt is None else num(bt, "base_total", 1))
+
+    def describe(self) -> str:
+        devs = [i for i, _ in self.cpus] + [i for i, _, _ in self.dimms]
+        return (f"{self.vcpus} vCPU(s) / {self.memory_mb} MiB"
+                + (f" (hot-plugged: {', '.join(devs)})" if devs else " (nothing hot-plugged)"))
+
+
+@releasers.releaser(RECORD_KIND)
+async def release_size_record(r: dict[str, Any]) -> str:
+    """Nothing to undo on the host: the hot-plugged devices live in QEMU and go with it (the
+    `vm` record's release). What the VM had is said, for the log of a `delete` after a crash."""
+    try:
+        return f"vm {r.get('key')} was {SizeRecord.from_data(r).describe()}"
+    except SizingError as e:
+        return f"vm {r.get('key')}: {e}"
+
+
 @dataclass
 class VMResizer:
     vm: VM
     agent: AgentClient
     timeout: float = CONFIRM_TIMEOUT_S
+    records: State | None = None              # where each confirmed size is persisted
+    owner: str = ""
     size: Size = field(init=False)            # what the guest confirmed
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _cpus: list[devices.CPUHandle] = field(default_factory=list)
     _dimms: list[devices.DimmHandle] = field(default_factory=list)
     _base_total: int | None = None            # guest MemTotal with nothing hot-plugged
@@ -48,9 +121,46 @@ class VMResizer:
     def __post_init__(self) -> None:
         self.size = base_of(self.vm)
 
+    # --- persisted size --------------------------------------------------------------------
+
+    def snapshot(self) -> SizeRecord:
+        return SizeRecord(self.size.vcpus, self.size.memory_mb,
+                          tuple((h.id, dict(h.props)) for h in self._cpus),
+                          tuple((h.id, h.backend_id, h.size_mb) for h in self._dimms), self._base_total)
+
+    def _persist(self) -> None:
+        if self.records is None:
+            return
+        try:
+            self.records.record(RECORD_KIND, self.vm.name, owner=self.owner, **self.snapshot().to_data())
+        except Exception as e:      # the VM's size is still right; only a crash report would miss it
+            log.warning("vm %s: persisting its size %s: %s", self.vm.name, self.size.describe(), e)
+
+    async def adopt(self, rec: SizeRecord) -> None:
+        """Take over the size a previous resizer of this VM recorded, if QEMU agrees on the
+        vCPUs; otherwise the record is refused by name and the resizer starts from QEMU's
+        count with no handles (it can grow, not unplug what it does not know)."""
+        have = await devices.vcpu_count(self.vm)
+        if have != rec.vcpus:
+            raise SizingError(f"vm {self.vm.name}: the recorded size has {rec.vcpus} vCPUs, QEMU has {have}")
+        self._cpus = [devices.CPUHandle(self.vm, i, props=dict(p)) for i, p in rec.cpus]
+        self._dimms = [devices.DimmHandle(self.vm, i, backend_id=b, size_mb=m) for i, b, m in rec.dimms]
+        self._base_total = rec.base_total
+        self.size = Size(rec.vcpus, rec.memory_mb)
+
+    def forget(self) -> None:
+        """The VM is gone: so is its size."""
+        if self.records is not None:
+            try:
+                self.records.forget(RECORD_KIND, self.vm.name)
+            except Exception as e:
+                log.warning("vm %s: forgetting its size: %s", self.vm.name, e)
+
+    # --- resizing --------------------------------------------------------------------------
+
     async def resize(self, want: Size) -> Size:
         """Grow to `want` (confirmed by the guest), or shrink as far as the guest lets go.
-        Returns the confirmed size."""
+        Returns the confirmed size. The caller holds `lock`."""
         if self._base_total is None:
             self._base_total = (await self.agent.online_memory()).memory_total_bytes
         before = self.size
@@ -61,10 +171,31 @@ class VMResizer:
                 await self._set_memory(want.memory_mb)
         except BaseException:
             await self._undo(before)
+            self._persist()
             raise
         if want.vcpus < self.size.vcpus or want.memory_mb < self.size.memory_mb:
             await self._shrink(want)
+        if self.size != before:
+            self._persist()
+            await self._report(before)
         return self.size
+
+    async def _report(self, before: Size) -> None:
+        """One line with both sides' figures: QEMU's (query-cpus-fast, virtio-mem's plugged
+        size) and the guest's (CPUs online, MemTotal), so a size is never only claimed."""
+        try:
+            qemu_cpus = await devices.vcpu_count(self.vm)
+            plugged = (await devices.VirtioMem(self.vm).plugged_bytes() // MiB
+                       if self.vm.config.memory_hotplug == "virtio-mem" and self.vm.config.hotplug_memory_mb
+                       else sum(d.size_mb for d in self._dimms))
+            cpus, mem = await self.agent.online_cpus(), await self.agent.online_memory()
+        except Exception as e:
+            log.warning("vm %s: resized %s -> %s; reading the figures back: %s", self.vm.name,
+                        before.describe(), self.size.describe(), e)
+            return
+        log.info("vm %s: resized %s -> %s (QEMU: %d vCPUs, %d MiB plugged; guest: %d CPUs online, "
+                 "MemTotal %d MiB)", self.vm.name, before.describe(), self.size.describe(), qemu_cpus,
+                 plugged, cpus.online, mem.memory_total_bytes // MiB)
 
     # --- vCPUs -----------------------------------------------------------------------------
 
@@ -120,26 +251,57 @@ class VMResizer:
 
     async def _shrink(self, want: Size) -> None:
         if want.vcpus < self.size.vcpus:
-            try:
-                n = await devices.set_vcpus(self.vm, max(want.vcpus, self.vm.config.vcpus), self._cpus)
-                online = await self._wait_cpus(lambda online: online <= n, f"{n} vCPUs")
-                self.size = Size(max(n, online), self.size.memory_mb)
-            except Exception as e:
-                log.warning("vm %s: could not unplug vCPUs down to %d: %s (keeping %d)",
-                            self.vm.name, want.vcpus, e, self.size.vcpus)
+            await self._unplug_vcpus(max(want.vcpus, self.vm.config.vcpus))
         if want.memory_mb < self.size.memory_mb and self.vm.config.memory_hotplug == "virtio-mem":
-            mem = devices.VirtioMem(self.vm)
-            try:
-                await mem.resize(max(0, want.memory_mb - self.vm.config.memory_mb))
-                plugged = await mem.wait_plugged(self.timeout)
-            except Exception as e:
-                plugged = await mem.plugged_bytes()
-                log.warning("vm %s: the guest gave back memory down to %d MiB only, not %d: %s",
-                            self.vm.name, self.vm.config.memory_mb + plugged // MiB, want.memory_mb, e)
-            self.size = Size(self.size.vcpus, self.vm.config.memory_mb + plugged // MiB)
+            await self._give_back_memory(want.memory_mb)
         elif want.memory_mb < self.size.memory_mb:
             log.warning("vm %s: pc-dimm memory is not unplugged: keeping %d MiB (wanted %d MiB)",
                         self.vm.name, self.size.memory_mb, want.memory_mb)
+
+    async def _unplug_vcpus(self, n: int) -> None:
+        """Newest first; a vCPU whose eject the guest does not acknowledge keeps its handle (it
+        may still go later: the next resize counts again) and stops the shrink there."""
+        why = ""
+        while len(self._cpus) and self.vm.config.vcpus + len(self._cpus) > n:
+            h = self._cpus[-1]
+            try:
+                await h.detach(min(self.timeout, UNPLUG_TIMEOUT_S))
+            except Exception as e:
+                why = str(e)
+                break
+            self._cpus.pop()
+        count = await devices.vcpu_count(self.vm)
+        online = await self._wait_cpus(lambda online: online <= count, f"{count} vCPUs")
+        self.size = Size(max(count, online), self.size.memory_mb)
+        if self.size.vcpus > n:
+            log.warning("vm %s: the guest kept %d vCPUs, not %d: %s", self.vm.name, self.size.vcpus, n,
+                        why or "no hot-plugged vCPU left to unplug")
+
+    async def _give_back_memory(self, mb: int) -> None:
+        """virtio-mem asked for less; QEMU's plugged size says what the guest unplugged (it can
+        only offline blocks that hold no unmovable pages), MemTotal must follow."""
+        base_mb = self.vm.config.memory_mb
+        mem = devices.VirtioMem(self.vm)
+        why = ""
+        try:
+            await mem.resize(max(0, mb - base_mb))
+            plugged = await mem.wait_plugged(self.timeout)
+        except Exception as e:
+            why = str(e)
+            plugged = await mem.plugged_bytes()
+        self.size = Size(self.size.vcpus, base_mb + plugged // MiB)
+        if self.size.memory_mb > mb:
+            log.warning("vm %s: the guest gave back memory down to %d MiB only, not %d MiB: %s",
+                        self.vm.name, self.size.memory_mb, mb, why)
+        assert self._base_total is not None
+        want_total = self._base_total + plugged
+        deadline = time.monotonic() + self.timeout
+        while (total := (await self.agent.online_memory()).memory_total_bytes) > want_total:
+            if time.monotonic() > deadline:
+                log.warning("vm %s: QEMU has %d MiB plugged but the guest's MemTotal is still %d MiB "
+                            "over its base", self.vm.name, plugged // MiB, (total - self._base_total) // MiB)
+                break
+            await asyncio.sleep(0.05)
 
     async def _undo(self, before: Size) -> None:
         try:

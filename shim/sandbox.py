@@ -30,6 +30,8 @@ from spinbox.api.contract import SHARES_ROOT
 
 from . import binds as binds_mod
 from . import resize as resize_mod
+from .autoscale import Policy
+from .autoscaler import VCPUAutoscaler
 from .agent import AgentClient, AgentEvent, Mount
 from .aio import race
 from .errors import FailedPrecondition, GuestUnavailable, HostError
@@ -248,7 +250,7 @@ class VMSandbox(Sandbox):
 
     def __init__(self, id: str, boot: Callable[[], Awaitable[Guest]], *,
                  network: NetworkAttachment | None = None, state: State | None = None,
-                 cgroup: hostcgroup.CgroupOwner | None = None) -> None:
+                 cgroup: hostcgroup.CgroupOwner | None = None, autoscale: Policy | None = None) -> None:
         super().__init__(id)
         self.cgroup = cgroup            # the host cgroup of QEMU and virtiofsd (made before boot)
         self._boot = boot
@@ -260,6 +262,8 @@ class VMSandbox(Sandbox):
         self._n = 0
         self._watch: asyncio.Task[None] | None = None
         self._resizer: resize_mod.VMResizer | None = None
+        self._autoscale = autoscale            # the vCPU controller's policy (autoscale.enabled)
+        self.autoscaler: VCPUAutoscaler | None = None
 
     async def _start(self, spec: dict[str, Any]) -> None:
         """Boot the VM while the host side of the network is set up (both take their own time:
@@ -291,6 +295,10 @@ class VMSandbox(Sandbox):
         self._watch = asyncio.ensure_future(self._watch_vm(guest))
         if net is not None:
             await self._connect_network(net, guest, guest_hostname(spec))
+        if self._autoscale is not None:
+            self.autoscaler = VCPUAutoscaler(self.id, self._autoscale, await self._sizer(), guest.agent,
+                                             self._resize_locked, vm_max_vcpus=guest.vm.config.effective_max_vcpus)
+            self.autoscaler.start()
 
     @staticmethod
     async def _connect_network(net: NetworkAttachment, guest: Guest, hostname: str) -> None:
@@ -382,28 +390,55 @@ class VMSandbox(Sandbox):
         vm = self._guest.vm
         return resize_mod.base_of(vm), resize_mod.limits_of(vm)
 
-    async def resize(self, want: Size) -> Size:
-        self.machine.require(SandboxState.READY)
+    async def _sizer(self) -> resize_mod.VMResizer:
         if self._resizer is None:
-            self._resizer = resize_mod.VMResizer(self._guest.vm, self.agent_client)
+            vm = self._guest.vm
+            r = resize_mod.VMResizer(vm, self.agent_client, records=self.records, owner=self.id)
+            rec = self.records.find(resize_mod.RECORD_KIND, vm.name) if self.records is not None else None
+            if rec is not None:            # a size this VM had before (persisted by a resizer)
+                try:
+                    await r.adopt(resize_mod.SizeRecord.from_data(rec.data))
+                except Exception as e:
+                    log.warning("sandbox %s: not resuming from the recorded size: %s", self.id, e)
+            self._resizer = r
+        return self._resizer
+
+    async def resize(self, want: Size) -> Size:
+        """An explicit size (Create, Update): serialised with the vCPU controller, whose floor
+        it becomes."""
+        self.machine.require(SandboxState.READY)
+        r = await self._sizer()
+        async with r.lock:
+            got = await self._resize_locked(want)
+            if self.autoscaler is not None:
+                self.autoscaler.declared(want)
+            return got
+
+    async def _resize_locked(self, want: Size) -> Size:
+        self.machine.require(SandboxState.READY)
+        r = await self._sizer()
         if self.cgroup is None:
-            return await self._resizer.resize(want)
-        have = self._resizer.size          # room for the growth first, the confirmed size after
+            return await r.resize(want)
+        have = r.size                      # room for the growth first, the confirmed size after
         self.cgroup.resized(max(want.vcpus, have.vcpus), max(want.memory_mb, have.memory_mb))
         try:
-            return await self._resizer.resize(want)
+            return await r.resize(want)
         finally:
-            self.cgroup.resized(self._resizer.size.vcpus, self._resizer.size.memory_mb)
+            self.cgroup.resized(r.size.vcpus, r.size.memory_mb)
 
     async def _stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
         for cid in list(self._handles):
             await self.unshare(cid)
         try:
             if self.guest is not None:
                 await self.guest.stop()
                 self.guest = None
+                if self._resizer is not None:      # its devices went with QEMU
+                    self._resizer.forget()
         finally:
             try:
                 if self.network is not None:       # after QEMU is gone: it held the TAPs
