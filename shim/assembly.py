@@ -1,8 +1,9 @@
 """Composition: the one place that builds the shim's object graph.
 
     TaskService ── ContainerManager ──┬── Sandbox (VMSandbox: Guest + NetworkAttachment)
-         │                            ├── GuestEventFollower, ExitSequencer per container
+         │              │             ├── GuestEventFollower, ExitSequencer per container
          └──────── TaskEvents ────────┴── Publisher (containerd's event service)
+    SandboxService ── PodSandbox ─┘   (containerd 2.x `sandboxer = "shim"`: the pod holder)
 
 `build_task_service` takes any sandbox factory (tests pass a LocalSandbox); `vm_task_service`
 is what the daemon serves: a VM per sandbox configured from the shim's config.
@@ -20,7 +21,9 @@ from .containers import ContainerManager, SandboxFactory
 from .exits import DRAIN_TIMEOUT, Publisher, TaskEvents
 from .guest import Guest, boot_guest
 from .network.attachment import NetworkAttachment, NetworkSettings
+from .pod_sandbox import PodSandbox
 from .sandbox import VMSandbox
+from .sandbox_service import SandboxService
 from .state import GroupPaths, State
 from .task_service import TaskService
 from .templates import TemplateCache
@@ -80,3 +83,9 @@ def vm_task_service(*, group: str, namespace: str, config: config_mod.SpinboxCon
     return build_task_service(
         vm_sandbox_factory(group, config, paths, state), publisher, namespace=namespace, state=state,
         request_exit=request_exit, agent_timeout=config.timeouts.agent_call_s)
+
+
+def sandbox_service(tasks: TaskService, *, group: str,
+                    request_exit: Callable[[], None] | None = None) -> SandboxService:
+    """containerd's Sandbox API for the daemon's group, on the Task service's container manager."""
+    return SandboxService(PodSandbox(group, tasks.manager), tasks, request_exit=request_exit)

@@ -7,7 +7,9 @@
 * Logs go to containerd's `<bundle>/log` FIFO (containerd copies it into its own log), or to
   `<state>/<ns>/<group>/shim.log` when nobody reads the FIFO; written by a thread from a bounded
   queue (shim.logwriter), so a slow reader drops log lines (counted) instead of stalling RPCs.
-* Services: the Task API, built by `shim.assembly.vm_task_service` (a VM per sandbox).
+* Services: the Task API, built by `shim.assembly.vm_task_service` (a VM per sandbox), and
+  containerd's Sandbox API on the same manager (`shim.assembly.sandbox_service`, used by
+  containerd 2.x when a runtime says `sandboxer = "shim"`).
   Beside it the read-only Monitor service (shim.monitor_service) for `spinbox monitor`.
 * Exit: `ctx.request_shutdown()` (the Task service's Shutdown with no task left) or
   SIGTERM/SIGINT → stop serving → cleanups registered with `ctx.add_cleanup` (newest first) →
@@ -35,7 +37,7 @@ from google.protobuf import any_pb2
 import ttrpc
 from spinbox.shim import config as config_mod
 from spinbox.api import contract
-from spinbox.shim.assembly import vm_task_service
+from spinbox.shim.assembly import sandbox_service, vm_task_service
 from spinbox.shim.logwriter import NonBlockingHandler
 from spinbox.shim.manager import ShimArgs, daemon_log_level, socket_path
 from spinbox.shim.monitor_service import MonitorService
@@ -79,10 +81,12 @@ class ShimContext:
 
 
 def build_services(server: ttrpc.Server, ctx: ShimContext) -> None:
-    """Serve the Task API (v2 and v3) for this daemon's sandbox; its close runs at exit."""
+    """Serve the Task API (v2 and v3) and the Sandbox API for this daemon's sandbox; the Task
+    service's close runs at exit."""
     svc = vm_task_service(group=ctx.group, namespace=ctx.namespace, config=ctx.config, paths=ctx.paths,
                           state=ctx.state, publisher=ctx.publisher, request_exit=ctx.request_shutdown)
     svc.register(server)
+    sandbox_service(svc, group=ctx.group, request_exit=ctx.request_shutdown).register(server)
     ctx.add_cleanup("task service", svc.close)
     MonitorService(svc.manager).register(server)     # read-only figures for `spinbox monitor`
 
