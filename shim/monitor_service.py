@@ -93,8 +93,8 @@ async def vm_figures(manager: ContainerManager, *, guest_timeout: float = GUEST_
             guest = await sb.agent_client.info(timeout=guest_timeout)
         except Exception as e:             # a figure is missing, the scrape goes on
             log.debug("monitor: guest info: %s", e)
-    return VMFigures(size.vcpus, base.vcpus, size.memory_mb * MiB, base.memory_mb * MiB,
-                     host_usage(vm.pid), guest)
+    host = host_usage(vm.pid) if vm.alive else None     # a dead QEMU's pid may be another's now
+    return VMFigures(size.vcpus, base.vcpus, size.memory_mb * MiB, base.memory_mb * MiB, host, guest)
 
 
 def apply_vm_figures(m: metrics_pb2.Metrics, vm: VMFigures) -> None:

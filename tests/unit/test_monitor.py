@@ -396,3 +396,28 @@ def test_stats_mapping_without_the_guest_keeps_the_containers_memory_use():
     m.memory.usage = 5 * MiB
     monitor_service.apply_vm_figures(m, _vm(None))
     assert m.memory.usage == 5 * MiB and m.memory.usage_limit == 1280 * MiB
+
+
+async def test_the_shims_monitor_service_over_ttrpc_before_any_sandbox(tmp_path):
+    from spinbox.shim.assembly import build_task_service
+
+    def no_sandbox():
+        raise AssertionError("Figures must not start a sandbox")
+
+    svc = build_task_service(no_sandbox, None)
+    server = ttrpc.Server()
+    monitor_service.MonitorService(svc.manager).register(server)
+    path = tmp_path / "shim.sock"
+    await server.serve_unix(str(path), require_same_user=True)
+    try:
+        o = await monitor.ask(monitor.ShimRef("default", "sb", str(path)), 5.0)
+    finally:
+        await server.close()
+    assert o.error == "" and o.figures is not None
+    r = o.figures
+    assert (r.state, r.start_kind, r.vcpus, r.containers, r.guest_answered) == ("none", "", 0, 0, False)
+    assert list(r.latency_bounds) == list(counters.LATENCY_BOUNDS)
+    assert r.uptime_seconds >= 0 and svc.manager.sandbox is None
+    s = samples(monitor.exposition([o], {}))
+    assert s['spinbox_sandbox_info{namespace="default",sandbox="sb",start_kind="",state="none"}'] == 1
+    assert 'spinbox_sandbox_vcpus{namespace="default",sandbox="sb"}' not in s    # no VM: no VM figures
