@@ -18,4 +18,5 @@ TARGETS = {
     "replies": "replies",
     "events": "events",
     "stdio": "stdio",
+    "vminitd": "vminitd",
 }
