@@ -15,8 +15,11 @@ by its create, from the pod's spec: network from the netns, size from the pod's 
 the host cgroup below the pod's), and its guest pid is the sandbox pid, so a container's
 namespace path names a container of this sandbox (shim.spec keeps those).
 
-The holder's rootfs is containerd's sandbox bundle `rootfs/` holding one file, a 130-byte
-static x86-64 program written below (so no host binary or image is needed), shared read-only.
+The holder's bundle is `pod/` inside containerd's sandbox bundle (whose own `rootfs/` must stay
+an empty directory: containerd rmdirs it): config.json and a rootfs holding one file, a
+178-byte static x86-64 program written below (so no host binary or image is needed), shared
+read-only. ShutdownSandbox removes it after the holder's delete (containerd's removal of the
+whole bundle covers a crash; the holder's rootfs mount is in the shim's state records).
 Its exit is the pod's exit (WaitSandbox); the VM dying reports it exited like any container.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import struct
 import time
 from dataclasses import dataclass, field
@@ -42,7 +46,8 @@ from spinbox.api._pb.spinbox.cri.v1 import pod_pb2
 
 from .agent import Stats
 from .containers import ContainerManager
-from .errors import AlreadyExists, FailedPrecondition, GuestUnavailable, InvalidArgument, NotFound, Unimplemented
+from .errors import (AlreadyExists, FailedPrecondition, GuestUnavailable, HostError, InvalidArgument, NotFound,
+                     Unimplemented)
 from .process import Container, ExitInfo, StdioPaths
 from .sandbox import Sandbox
 from .states import ProcessState, SandboxState
@@ -50,6 +55,7 @@ from .states import ProcessState, SandboxState
 log = logging.getLogger(__name__)
 
 HOLDER_PATH = "/pause"                 # the holder program, in its rootfs
+HOLDER_BUNDLE = "pod"                  # the holder's bundle, inside containerd's sandbox bundle
 HOLDER_UID = 65534                     # nobody: the holder needs no privilege at all
 STOP_WAIT_S = 10.0                     # StopSandbox without a timeout: the holder's exit, then the VM
 POD_CONFIG_TYPE = "PodSandboxConfig"   # runtime.v1.PodSandboxConfig (the type URL's last part)
@@ -193,9 +199,13 @@ def pod_spec(req: PodRequest, *, readonly: bool = True) -> dict[str, Any]:
     return spec
 
 
+def holder_bundle(req: PodRequest) -> Path:
+    return req.bundle / HOLDER_BUNDLE
+
+
 def write_holder_bundle(bundle: Path, spec: dict[str, Any]) -> None:
-    """config.json and the holder program into containerd's sandbox bundle (containerd removes
-    the bundle when it deletes the shim: that is their owner)."""
+    """`bundle`/config.json and `bundle`/rootfs/pause (made fresh: a retried start rewrites them)."""
+    (bundle / "rootfs").mkdir(mode=0o711, parents=True, exist_ok=True)
     fd = os.open(bundle / "config.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(spec, f)
@@ -204,6 +214,14 @@ def write_holder_bundle(bundle: Path, spec: dict[str, Any]) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(holder_program())
     os.chmod(prog, 0o755)
+
+
+def remove_holder_bundle(bundle: Path) -> None:
+    """After the holder's delete released its rootfs: never removes through a mount."""
+    root = bundle / "rootfs"
+    if os.path.ismount(root):
+        raise HostError(f"{root} is still mounted: the holder's bundle is left for containerd")
+    shutil.rmtree(bundle, ignore_errors=True)
 
 
 def guest_platform() -> tuple[str, str]:
@@ -280,8 +298,9 @@ class PodSandbox:
                 raise FailedPrecondition(f"sandbox {self.id} is {self.state.value}: StartSandbox needs "
                                          "a created sandbox that was never started")
             req = self.request
-            await asyncio.to_thread(write_holder_bundle, req.bundle, pod_spec(req, readonly=self.readonly_rootfs))
-            c = await self.manager.create(self.id, req.bundle, StdioPaths(), [])
+            bundle = holder_bundle(req)
+            await asyncio.to_thread(write_holder_bundle, bundle, pod_spec(req, readonly=self.readonly_rootfs))
+            c = await self.manager.create(self.id, bundle, StdioPaths(), [])
             try:
                 pid = await self.manager.start(c, c.init)
             except BaseException:
@@ -322,11 +341,17 @@ class PodSandbox:
             except Exception as e:        # the VM stop below ends it in any case
                 log.warning("sandbox %s: the holder did not exit after SIGKILL: %s", self.id, e)
         sb = self._sandbox
+        live = [p for c in list(self.manager.containers.values()) for p in c.processes()
+                if p.exit is None and p.allows("kill")]
+        if not live:
+            # a stop on purpose, not a lost VM: nothing for the event follower to report
+            self.manager.closing = True
         if sb is not None:
             await sb.stop()
-        if holder.init.exit is None:     # the follower reports it once it sees the VM gone
+        if live:        # the follower reports them exited once it sees the VM gone
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(holder.init.wait()), wait_s)
+                await asyncio.wait_for(asyncio.gather(*(asyncio.shield(p.wait()) for p in live)), wait_s)
+        self.manager.closing = True         # no container may be created in a stopped pod
         log.info("sandbox %s stopped", self.id)
 
     async def wait(self) -> ExitInfo:
@@ -377,5 +402,10 @@ class PodSandbox:
                 await self._stop(holder, self.stop_wait_s)
             if holder is not None and holder.id in self.manager.containers:
                 await self.manager.delete(holder, holder.init)
+            if self.request is not None:
+                try:
+                    await asyncio.to_thread(remove_holder_bundle, holder_bundle(self.request))
+                except HostError as e:
+                    log.warning("sandbox %s: %s", self.id, e)
             self.state = PodState.SHUT_DOWN
             log.info("sandbox %s shut down", self.id)

@@ -30,7 +30,7 @@ from spinbox.shim.pod_sandbox import (HOLDER_PATH, PodRequest, holder_program, p
                                       pod_spec)
 from spinbox.shim.vm import hostcgroup
 
-from fakes import Ctx, FakeSandboxFactory, RecordingPublisher
+from fakes import Ctx, FakeSandboxFactory, RecordingPublisher, make_bundle
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -258,9 +258,10 @@ async def test_a_pod_runs_stops_and_shuts_down(h):
     holder_pid = agent.procs[(ID, "")].pid
     assert r.pid == holder_pid and r.created_at.seconds > 0
     assert sb.spec is not None and plan.choose(sb.spec).netns_path == "/var/run/netns/cni-1"
-    spec = json.loads((h.bundle / "config.json").read_text())
+    spec = json.loads((h.bundle / "pod" / "config.json").read_text())
     assert spec["process"]["args"] == [HOLDER_PATH]
-    assert (h.bundle / "rootfs" / "pause").read_bytes() == holder_program()
+    assert (h.bundle / "pod" / "rootfs" / "pause").read_bytes() == holder_program()
+    assert os.listdir(h.bundle / "rootfs") == [], "containerd's own rootfs dir stays empty (it rmdirs it)"
     assert [c.args[0] for c in agent.called("create")] == [ID]
 
     st = await h.status()
@@ -295,6 +296,7 @@ async def test_a_pod_runs_stops_and_shuts_down(h):
 
     await h.svc.ShutdownSandbox(sb_pb.ShutdownSandboxRequest(sandbox_id=ID), CTX)
     assert ID not in h.tasks.manager.containers and not h.tasks.manager.busy
+    assert sorted(os.listdir(h.bundle)) == ["rootfs"], "the holder's bundle is removed"
     await asyncio.sleep(0.05)
     assert h.exits == 1, "the daemon is asked to exit once"
 
@@ -313,3 +315,18 @@ async def test_a_failed_start_leaves_no_holder(h):
         await h.start()
     assert ID not in h.tasks.manager.containers
     assert (await h.start()).pid > 0, "a second StartSandbox may try again"
+
+
+async def test_a_container_still_running_at_stop_sandbox_is_reported_exited(h, tmp_path):
+    await h.create()
+    await h.start()
+    agent = h.factory.last.fake_agent
+    bundle = make_bundle(tmp_path, "c1")
+    await h.tasks.Create(shim_pb2.CreateTaskRequest(id="c1", bundle=str(bundle)), CTX)
+    await h.tasks.Start(shim_pb2.StartRequest(id="c1"), CTX)
+    agent.exit_on_kill = True
+    await h.svc.StopSandbox(sb_pb.StopSandboxRequest(sandbox_id=ID, timeout_secs=2), CTX)
+    w = await asyncio.wait_for(h.tasks.Wait(shim_pb2.WaitRequest(id="c1"), CTX), T)
+    assert w.exit_status == 255, "the VM is gone: c1's exit is containerd's 'unknown'"
+    with pytest.raises(ttrpc.FailedPrecondition):
+        await h.tasks.Create(shim_pb2.CreateTaskRequest(id="c2", bundle=str(make_bundle(tmp_path, "c2"))), CTX)
