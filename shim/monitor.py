@@ -150,7 +150,8 @@ async def ask(ref: ShimRef, timeout: float) -> Outcome:
 
 def reply_problem(r: monitor_pb2.FiguresResponse) -> str | None:
     """Why a reply cannot be exposed as it is (a shim of another version, or a bug), or None."""
-    floats = (r.start_seconds, r.vm_cpu_user_seconds, r.vm_cpu_system_seconds, r.uptime_seconds)
+    floats = (r.start_seconds, r.vm_cpu_user_seconds, r.vm_cpu_system_seconds, r.uptime_seconds,
+              r.guest_cpu_busy_seconds, r.guest_cpu_idle_seconds)
     if not all(math.isfinite(x) and x >= 0 for x in floats):
         return "a time that is negative or not finite"
     bounds = list(r.latency_bounds)
@@ -216,6 +217,8 @@ def families(outcomes: Iterable[Outcome], failures: dict[tuple[str, str], int],
         ("lost", "1 if the VM or its agent connection died under the shim"),
         ("shim_uptime_seconds", "Since the shim daemon started serving"))}
     vm_cpu = _counter("spinbox_sandbox_vm_cpu_seconds", "QEMU's CPU time on the host", ["mode"])
+    guest_cpu = _counter("spinbox_sandbox_guest_cpu_seconds", "All vCPUs' time since the guest booted "
+                         "(guest-reported)", ["mode"])
     tasks = _counter("spinbox_sandbox_tasks_started", "Container inits started in the guest")
     execs = _counter("spinbox_sandbox_execs_started", "Exec processes started in the guest")
     stdio = _counter("spinbox_sandbox_stdio_bytes", "stdio bytes copied between containerd and the guest",
@@ -247,6 +250,8 @@ def families(outcomes: Iterable[Outcome], failures: dict[tuple[str, str], int],
             g["guest_memory_total_bytes"].add_metric(key, r.guest_memory_total_bytes)
             g["guest_memory_used_bytes"].add_metric(key, r.guest_memory_used_bytes)
             g["guest_cpus_online"].add_metric(key, r.guest_cpus_online)
+            guest_cpu.add_metric(key + ["busy"], r.guest_cpu_busy_seconds)
+            guest_cpu.add_metric(key + ["idle"], r.guest_cpu_idle_seconds)
         g["containers"].add_metric(key, r.containers)
         g["lost"].add_metric(key, 1 if r.lost else 0)
         g["shim_uptime_seconds"].add_metric(key, r.uptime_seconds)
@@ -260,7 +265,7 @@ def families(outcomes: Iterable[Outcome], failures: dict[tuple[str, str], int],
             call_fail.add_metric(key + [c.method], c.failures)
             buckets = list(zip(bounds, c.bucket_counts, strict=True)) + [("+Inf", c.calls)]
             latency.add_metric(key + [c.method], buckets, sum_value=c.seconds_sum)
-    out = [up, fail, info, start, *g.values(), vm_cpu, tasks, execs, stdio, calls, call_fail, latency]
+    out = [up, fail, info, start, *g.values(), vm_cpu, guest_cpu, tasks, execs, stdio, calls, call_fail, latency]
     n = GaugeMetricFamily("spinbox_monitor_shims", "Sandbox state dirs found by this scrape")
     n.add_metric([], shims)
     out.append(n)

@@ -86,7 +86,9 @@ async def vm_figures(manager: ContainerManager, *, guest_timeout: float = GUEST_
         return None
     vm = sb.guest.vm
     base = resize_mod.base_of(vm)
-    size = manager._size or base           # None until the first resize: the boot shape
+    # the resizer's size is the one the guest confirmed, whoever resized (Create, Update or the
+    # vCPU controller); no resizer yet: the boot shape
+    size = sb._resizer.size if sb._resizer is not None else base
     guest: GuestInfo | None = None
     if not sb.lost.is_set():
         try:
@@ -99,16 +101,16 @@ async def vm_figures(manager: ContainerManager, *, guest_timeout: float = GUEST_
 
 def apply_vm_figures(m: metrics_pb2.Metrics, vm: VMFigures) -> None:
     """The sandbox's own task reports the whole VM in containerd's cgroups v2 Metrics:
-    memory.usage = the guest's used memory (MemTotal - MemAvailable; the container's own figure
-    stays when the guest did not answer), memory.usage_limit = the VM's memory (base + plugged,
-    host truth), cpu = QEMU's CPU time on the host (the guest API has no whole-guest CPU figure,
-    and the host's view is the VM's cost). pids and OOM kills stay the container's."""
+    memory.usage_limit = the VM's memory (base + plugged, host truth); from the guest's Info,
+    memory.usage = its used memory (MemTotal - MemAvailable) and cpu.usage_usec = the busy time
+    of all its vCPUs (/proc/stat, which has no user/system split in the agent API: both 0).
+    When the guest did not answer in time the container's own memory and cpu figures stay.
+    pids and OOM kills stay the container's. QEMU's host CPU is in the monitor only: under TCG
+    it is mostly translation, not the workload."""
+    m.memory.usage_limit = vm.memory_bytes
     if vm.guest is not None:
         m.memory.usage = vm.guest.memory_used_bytes
-    m.memory.usage_limit = vm.memory_bytes
-    if vm.host is not None:
-        user, system = int(vm.host.user_s * 1e6), int(vm.host.system_s * 1e6)
-        m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec = user + system, user, system
+        m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec = vm.guest.cpu_busy_ms * 1000, 0, 0
 
 
 def is_sandbox_task(manager: ContainerManager, container_id: str) -> bool:
@@ -143,6 +145,8 @@ def figures_response(manager: ContainerManager, vm: VMFigures | None, *, uptime_
             r.guest_memory_total_bytes = vm.guest.memory_total_bytes
             r.guest_memory_used_bytes = vm.guest.memory_used_bytes
             r.guest_cpus_online = vm.guest.cpus_online
+            r.guest_cpu_busy_seconds = vm.guest.cpu_busy_ms / 1000
+            r.guest_cpu_idle_seconds = vm.guest.cpu_idle_ms / 1000
     for method, f in sorted(calls.methods.items()):
         r.agent_calls.append(monitor_pb2.AgentCall(method=method, calls=f.calls, failures=f.failures,
                                                    seconds_sum=f.seconds, bucket_counts=f.cumulative()))

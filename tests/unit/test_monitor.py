@@ -37,7 +37,8 @@ def figures(**kw) -> monitor_pb2.FiguresResponse:
         hotplugged_memory_bytes=1024 * MiB, guest_answered=True, guest_memory_total_bytes=1200 * MiB,
         guest_memory_used_bytes=100 * MiB, guest_cpus_online=2, vm_cpu_user_seconds=3.5,
         vm_cpu_system_seconds=0.5, vm_rss_bytes=190 * MiB, containers=1, tasks_started=1, execs_started=4,
-        stdio_out_bytes=12345, stdio_in_bytes=6, uptime_seconds=9.0, latency_bounds=counters.LATENCY_BOUNDS)
+        stdio_out_bytes=12345, stdio_in_bytes=6, uptime_seconds=9.0, latency_bounds=counters.LATENCY_BOUNDS,
+        guest_cpu_busy_seconds=4.2, guest_cpu_idle_seconds=9.0)
     for m, f in sorted(calls.methods.items()):
         r.agent_calls.append(monitor_pb2.AgentCall(method=m, calls=f.calls, failures=f.failures,
                                                    seconds_sum=f.seconds, bucket_counts=f.cumulative()))
@@ -84,6 +85,7 @@ def test_exposition_of_given_figures():
     assert s[f"spinbox_sandbox_hotplugged_memory_bytes{{{lab}}}"] == 1024 * MiB
     assert s[f"spinbox_sandbox_guest_memory_used_bytes{{{lab}}}"] == 100 * MiB
     assert s[f'spinbox_sandbox_vm_cpu_seconds_total{{{lab},mode="user"}}'] == 3.5
+    assert s[f'spinbox_sandbox_guest_cpu_seconds_total{{{lab},mode="busy"}}'] == 4.2
     assert s[f'spinbox_sandbox_stdio_bytes_total{{{lab},direction="out"}}'] == 12345
     assert s[f"spinbox_sandbox_execs_started_total{{{lab}}}"] == 4
     assert s[f'spinbox_sandbox_agent_calls_total{{{lab},method="Create"}}'] == 2
@@ -121,6 +123,7 @@ def test_label_values_are_escaped():
 @pytest.mark.parametrize("change, problem", [
     (lambda r: setattr(r, "start_seconds", float("nan")), "not finite"),
     (lambda r: setattr(r, "uptime_seconds", -1.0), "negative"),
+    (lambda r: setattr(r, "guest_cpu_busy_seconds", float("inf")), "not finite"),
     (lambda r: setattr(r.agent_calls[0], "method", 'Create",x="1'), "method name"),
     (lambda r: r.agent_calls[0].bucket_counts.append(1), "inconsistent"),
     (lambda r: setattr(r.agent_calls[0], "failures", 99), "inconsistent"),
@@ -381,11 +384,13 @@ def _vm(guest: GuestInfo | None) -> monitor_service.VMFigures:
 def test_stats_mapping_the_sandbox_task_reports_the_vm():
     m = metrics_pb2.Metrics()
     m.memory.usage, m.memory.usage_limit, m.cpu.usage_usec, m.pids.current = 5 * MiB, 64 * MiB, 1000, 3
-    guest = GuestInfo("6.1", 2, 2, 1200 * MiB, 1100 * MiB, 10.0, True)
+    m.cpu.user_usec, m.cpu.system_usec = 600, 400
+    guest = GuestInfo("6.1", 2, 2, 1200 * MiB, 1100 * MiB, 10.0, True, cpu_busy_ms=4200, cpu_idle_ms=9000)
     monitor_service.apply_vm_figures(m, _vm(guest))
     assert m.memory.usage == 100 * MiB                 # guest used: MemTotal - MemAvailable
     assert m.memory.usage_limit == 1280 * MiB          # the VM's memory, base + plugged
-    assert (m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec) == (3_500_000, 3_000_000, 500_000)
+    # all vCPUs' busy time in the guest (no split: not the container's user/system either)
+    assert (m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec) == (4_200_000, 0, 0)
     assert m.pids.current == 3                         # the container's own
     vm = _vm(guest)
     assert (vm.hotplugged_vcpus, vm.hotplugged_memory_bytes) == (1, 1024 * MiB)
@@ -393,9 +398,10 @@ def test_stats_mapping_the_sandbox_task_reports_the_vm():
 
 def test_stats_mapping_without_the_guest_keeps_the_containers_memory_use():
     m = metrics_pb2.Metrics()
-    m.memory.usage = 5 * MiB
+    m.memory.usage, m.cpu.usage_usec = 5 * MiB, 1234
     monitor_service.apply_vm_figures(m, _vm(None))
     assert m.memory.usage == 5 * MiB and m.memory.usage_limit == 1280 * MiB
+    assert m.cpu.usage_usec == 1234
 
 
 async def test_the_shims_monitor_service_over_ttrpc_before_any_sandbox(tmp_path):
