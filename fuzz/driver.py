@@ -73,6 +73,7 @@ class Target:
     weight: float = 1.0                          # share of `python -m fuzz`'s total
     time_bound_s: float = 2.0                    # per input
     memory_bound_mb: int = 64                    # RSS growth over a run
+    smoke_inputs: int = 3000                     # the CI smoke's share (tests/unit/test_fuzz_smoke.py)
 
 
 class AsyncHarness:
