@@ -2,10 +2,16 @@
 `ctr run --cpus/--memory-limit` sizes the sandbox's VM (vCPUs and memory hot-plugged after the
 template restore, confirmed by the guest), and a request over a ceiling fails the create with
 a message naming the ceiling. ctr 1.6 has no `task update`: Update is reached through CRI
-(UpdateContainerResources), not tested here yet.
+(UpdateContainerResources → the shim's Task Update), which grows the VM and shrinks it again.
+
+QEMU's side is read without its monitor (the shim holds the one QMP connection): its vCPU
+threads (`-name ...,debug-threads=on` names them `CPU <n>/TCG`; query-cpus-fast lists the
+same threads) from /proc, virtio-mem's plugged size from the line the shim logs with its
+query-cpus-fast / qom-get figures after each resize.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -63,11 +69,34 @@ def test_a_request_over_the_ceiling_names_it_and_runs_nothing(env):  # noqa: F81
 
 # --- Update, through CRI (UpdateContainerResources → the shim's Task Update) -----------------
 
+from integration.cri import pod_qemus  # noqa: E402
 from integration.test_cri import (HANDLER, RPC_TIMEOUT, _container_running, _ok,  # noqa: E402
                                   crienv, cri)  # noqa: F401
+from integration.test_ctr_run import wait_until  # noqa: E402
+
+MiB = 1 << 20
+RESIZED = re.compile(r"resized (?P<before>.+?) -> (?P<vcpus>\d+) vCPU\(s\) / (?P<mb>\d+) MiB \(QEMU: "
+                     r"(?P<qcpus>\d+) vCPUs, (?P<plugged>\d+) MiB plugged; guest: (?P<online>\d+) CPUs "
+                     r"online, MemTotal (?P<total>\d+) MiB\)")
 
 
-def test_cri_update_grows_the_vm_and_the_memory_is_usable(crienv):  # noqa: F811
+def qemu_vcpu_threads(pid: int) -> int:
+    """QEMU's vCPU threads (one per vCPU device, gone when it is unplugged)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                n += bool(re.fullmatch(r"CPU \d+/(TCG|KVM)", f.read().strip()))
+        except OSError:
+            pass
+    return n
+
+
+def resized_lines(env) -> list[re.Match[str]]:  # noqa: F811
+    return [m for ln in _log_lines(env, "resized ") if (m := RESIZED.search(ln))]
+
+
+def test_cri_update_grows_the_vm_then_shrinks_it(crienv):  # noqa: F811
     e, rt, pod = crienv, crienv.api.rt, crienv.pod
     pod.id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=pod.config(), runtime_handler=HANDLER),
                               timeout=RPC_TIMEOUT).pod_sandbox_id
@@ -99,3 +128,38 @@ def test_cri_update_grows_the_vm_and_the_memory_is_usable(crienv):  # noqa: F811
     out = _ok(e.api.exec_sync(c1, "awk", 'BEGIN{s=sprintf("%314572800s","");print length(s)}',
                               timeout_s=120), "allocate")
     assert out.strip() == "314572800", out
+    qemu = pod_qemus(e)
+    assert len(qemu) == 1, qemu
+    assert qemu_vcpu_threads(qemu[0]) == 2
+    grown = resized_lines(e)[-1]
+    assert (grown["vcpus"], grown["qcpus"], grown["online"]) == ("2", "2", "2"), grown.group(0)
+    assert int(grown["plugged"]) == 768 and int(grown["mb"]) == 256 + 768, grown.group(0)
+
+    # ---- shrink: 1 vCPU, a 128 MiB limit -> the VM goes back to 1 vCPU / 256 + 128 MiB ----
+    t = time.monotonic()
+    rt.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
+        container_id=c1, linux=cri.LinuxContainerResources(memory_limit_in_bytes=128 << 20,
+                                                           cpu_quota=100000, cpu_period=100000)),
+        timeout=RPC_TIMEOUT)
+    print(f"UPDATE back to 1 vCPU / +128 MiB done after {time.monotonic() - t:.2f} s (CRI round trip)")
+    nproc, small = _nproc_memtotal(_ok(e.api.exec_sync(c1, "sh", "-c", PROBE), "probe").encode())
+    print(f"SHRINK guest: nproc {nproc}, MemTotal {small // MiB} MiB (was {mem // MiB} MiB)")
+    # what the shim says it got: its size and QEMU's figures agree with what the guest shows
+    now = _log_lines(e, f"{c1}: update: sandbox now ")
+    assert now, "the shim logs the size it got"
+    print("SHRINK shim:", now[-1].split("update: ", 1)[-1])
+    shrunk = resized_lines(e)[-1]
+    print("SHRINK", shrunk.group(0))
+    assert int(shrunk["mb"]) == 256 + int(shrunk["plugged"]), shrunk.group(0)
+    assert int(shrunk["vcpus"]) == int(shrunk["qcpus"]) == int(shrunk["online"]) == nproc, shrunk.group(0)
+    assert abs(int(shrunk["total"]) - small // MiB) <= 2, (shrunk.group(0), small)
+    assert f"sandbox now {shrunk['vcpus']} vCPU(s) / {shrunk['mb']} MiB (wanted 1 vCPU(s) / 384 MiB)" in now[-1]
+    if int(shrunk["mb"]) > 384:          # kept by the guest: said so, never claimed given back
+        assert _log_lines(e, "the guest gave back memory down to"), "a shrink short of its target is logged"
+    # an idle guest gives everything back
+    assert nproc == 1 and int(shrunk["plugged"]) == 128, shrunk.group(0)
+    assert small <= mem - (600 << 20), (small, mem)
+    wait_until(lambda: qemu_vcpu_threads(qemu[0]) == 1, 30, "QEMU's unplugged vCPU thread to exit")
+    # the container kept running through both resizes
+    _container_running(rt, c1)
+    assert _ok(e.api.exec_sync(c1, "echo", "still-here"), "exec after the shrink").strip() == "still-here"
