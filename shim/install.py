@@ -639,7 +639,10 @@ def plan_uninstall(host: Host) -> Plan:
     actions.append(RemoveFile(MANIFEST, "", "install manifest"))
     for d in sorted(m["dirs"], key=len, reverse=True):
         actions.append(RemoveDir(d))
-    notes.append("Restart containerd if it had loaded the spinbox runtime entry.")
+    # measured with containerd 1.6: it keeps the shim path it resolved, so until a restart a new
+    # sandbox fails with "fork/exec <launcher>: no such file or directory"
+    notes.append("Restart containerd: it remembers where it found the shim (and loaded the runtime "
+                 "entry, if any) until it restarts.")
     return Plan(host, actions, notes, manifest=None)
 
 
