@@ -105,17 +105,19 @@ def find_shims(state_dir: Path) -> list[ShimRef]:
             if (not g.is_dir(follow_symlinks=False) or contract.id_problem(g.name)
                     or not os.path.exists(os.path.join(g.path, "state.json"))):
                 continue
-            refs.append(_ref(state_dir, ns.name, g.name))
+            ref = _ref(state_dir, ns.name, g.name)
+            if ref is not None:
+                refs.append(ref)
     return refs
 
 
-def _ref(state_dir: Path, namespace: str, group: str) -> ShimRef:
+def _ref(state_dir: Path, namespace: str, group: str) -> ShimRef | None:
     try:
         st = State.load(GroupPaths(state_dir, namespace, group))
     except (SpinboxError, OSError) as e:
         return ShimRef(namespace, group, "", f"state unreadable: {e}")
-    if st is None:
-        return ShimRef(namespace, group, "", "state gone")
+    if st is None:                 # removed since the listing: the sandbox is gone, not failing
+        return None
     address = (st.daemon or {}).get("address")
     if not isinstance(address, str) or not address.startswith("unix://"):
         return ShimRef(namespace, group, "", "no daemon address recorded")

@@ -197,6 +197,8 @@ def test_find_shims_reads_state_files_and_skips_what_is_not_a_sandbox(tmp_path):
     assert [(r.namespace, r.sandbox, r.address, r.problem) for r in refs] == [
         ("default", "a", f"{tmp_path}/a.sock", ""), ("k8s.io", "b", f"{tmp_path}/b.sock", "")]
     assert monitor.find_shims(tmp_path / "missing") == []
+    # a state removed between the listing and the read is a deleted sandbox, not a failure
+    assert monitor._ref(sd, "default", "deleted-meanwhile") is None
 
 
 def test_a_state_whose_daemon_is_gone_is_reported_not_asked(tmp_path):
