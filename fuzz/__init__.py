@@ -4,7 +4,8 @@
     messages    hostile protobuf messages: mostly valid, with mutations, or raw bytes
     driver      a target's contract (one input: decoded or our own error, in bounded time
                 and memory) and the two engines that feed it (atheris, or a seeded mutator)
-    frames      the first target (`TARGETS` below); the others of issue 11 are not written yet
+    libfuzzer   the atheris engine: one child process per target
+    frames, server, replies, events, stdio, vminitd    the targets (`TARGETS` below)
 
 `python -m fuzz` (`task fuzz`) runs every target; tests/unit/test_fuzz_smoke.py runs each
 for a few thousand inputs.

@@ -70,7 +70,8 @@ class Target:
     covers: str                                  # one line for the report and the docs
     make: Callable[[], Harness]                  # builds the harness once per process
     seeds: Callable[[], list[bytes]]
-    weight: float = 1.0                          # share of `python -m fuzz`'s total
+    weight: float = 1.0                          # share of `python -m fuzz`'s total (sized so that
+                                                 # each target takes minutes of the 10^6 run)
     time_bound_s: float = 2.0                    # per input
     memory_bound_mb: int = 64                    # RSS growth over a run
     smoke_inputs: int = 3000                     # the CI smoke's share (tests/unit/test_fuzz_smoke.py)

@@ -331,4 +331,4 @@ def seeds() -> list[bytes]:
 
 TARGET = Target("events", "the guest event stream: AgentClient.events and GuestEventFollower with real "
                 "exit sequencers, fed hostile event sequences by a scripted guest",
-                EventsHarness, seeds, weight=1.0, time_bound_s=4.0, memory_bound_mb=48, smoke_inputs=400)
+                EventsHarness, seeds, weight=0.6, time_bound_s=4.0, memory_bound_mb=48, smoke_inputs=400)

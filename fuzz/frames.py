@@ -137,4 +137,4 @@ def seeds() -> list[bytes]:
 
 
 TARGET = Target("frames", "ttrpc FrameDecoder + Channel.events on arbitrary byte streams and reads",
-                FramesHarness, seeds, weight=3.0, time_bound_s=2.0, memory_bound_mb=32)
+                FramesHarness, seeds, weight=11.0, time_bound_s=2.0, memory_bound_mb=32)

@@ -321,4 +321,4 @@ def seeds() -> list[bytes]:
 
 TARGET = Target("stdio", "the stdio stream protocol's four roles against a hostile peer, the shim's "
                 "OutputStream over a real connection, and stdio URIs",
-                StdioHarness, seeds, weight=1.0, time_bound_s=3.0, memory_bound_mb=64)
+                StdioHarness, seeds, weight=5.0, time_bound_s=3.0, memory_bound_mb=64)

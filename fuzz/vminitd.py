@@ -442,4 +442,4 @@ def seeds() -> list[bytes]:
 
 TARGET = Target("vminitd", "vminitd's dispatch, servicers and Agent (stub runtime layer, temp state dir) "
                 "fed hostile requests of every guest API method",
-                VminitdHarness, seeds, weight=1.0, time_bound_s=6.0, memory_bound_mb=64, smoke_inputs=1000)
+                VminitdHarness, seeds, weight=1.4, time_bound_s=6.0, memory_bound_mb=64, smoke_inputs=1000)

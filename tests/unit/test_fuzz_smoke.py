@@ -86,3 +86,14 @@ def test_vminitd_confinement_refuses_writes_outside_the_temp_dir(tmp_path):
         confined.root = None
     assert not (tmp_path.parent / "outside-of-the-fuzz-root").exists()
     assert confined.violations == [f"os.mkdir {str(tmp_path.parent / 'outside-of-the-fuzz-root')!r}"]
+
+
+def test_the_atheris_engine_runs_a_target_in_a_child():
+    """`--engine atheris`: the same harness, coverage-guided, in a child process that reports
+    the runner's numbers back."""
+    from fuzz import libfuzzer
+    if not libfuzzer.available():
+        pytest.skip("atheris is not installed (dev extra)")
+    stats = libfuzzer.run(load("stdio"), 300, seed=1)
+    assert stats.crashes == 0, stats.first_crash
+    assert stats.engine == "atheris" and stats.inputs == 300 and stats.seconds > 0
