@@ -1,5 +1,6 @@
-"""Confinement of a running sandbox's host processes (shim/vm/confine.py, docs/security.md):
-QEMU's rlimits, virtiofsd's sandbox, seccomp and dropped capabilities, read from /proc."""
+"""Confinement of a running sandbox's host processes (shim/vm/confine.py, shim/vm/jail.py,
+docs/security.md): QEMU's jail and rlimits, virtiofsd's sandbox, seccomp and dropped
+capabilities, read from /proc."""
 from __future__ import annotations
 
 import os
@@ -34,6 +35,19 @@ def test_running_sandbox_qemu_and_virtiofsd_are_confined(env):  # noqa: F811
         assert _limit(q, "Max core file size") == ("0", "0")
         assert _limit(q, "Max open files") == ("4096", "4096")
         assert _status(q)["Seccomp"] == "2"              # -sandbox on
+        # the jail (shim/vm/jail.py): a uid of its own, no privileges, a root of its own
+        st = _status(q)
+        quid = int(st["Uid"].split()[0])
+        assert 0x70000000 <= quid < 0x70000000 + 65536, st["Uid"]
+        assert st["Uid"].split() == [str(quid)] * 4 and st["Gid"].split() == [str(quid)] * 4
+        assert st["Groups"] == "" and int(st["CapEff"], 16) == 0 and st["NoNewPrivs"] == "1"
+        assert os.readlink(f"/proc/{q}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        seen = set(os.listdir(f"/proc/{q}/root"))
+        assert "usr" in seen and not seen & {"run", "var", "home", "root", "tmp"}, seen
+        assert not Path(f"/proc/{q}/root/run").exists()
+        soft, hard = _limit(q, "Max file size")
+        assert soft == hard and int(soft) > 0                     # RLIMIT_FSIZE: bounded
+        assert Path(f"/run/spinbox/qemu-uid/{quid}.lock").exists()
         vfsds = [p for p in our_processes(env) if _comm_is(p, "virtiofsd")]
         assert vfsds, "no virtiofsd for the container's rootfs"
         # the C virtiofsd forks: the child serving the share is the sandboxed one

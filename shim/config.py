@@ -129,6 +129,10 @@ class ConfinementConfig:
     # shim/vm/confine.py, docs/security.md: on by default
     qemu_rlimits: bool = True           # QEMU: RLIMIT_CORE 0, RLIMIT_NOFILE 4096
     virtiofsd_hardening: bool = True    # virtiofsd: sandbox=namespace, -mknod -setfcap
+    # shim/vm/jail.py: QEMU as uid qemu_uid_base + slot, in a root holding only what it reads
+    qemu_jail: bool = True
+    qemu_uid_base: int = _num(0x70000000, 1000, 0xFFFF0000)
+    qemu_uid_count: int = _num(65536, 1, 1 << 20)
     # shim/vm/hostcgroup.py: QEMU + virtiofsd in <parent>/spinbox-<sandbox> with limits from the
     # VM's size (under CRI the parent is the pod's cgroup); off, or no usable cgroups: without
     host_cgroup: bool = True
@@ -503,6 +507,8 @@ def vm_config(cfg: SpinboxConfig, **overrides: Any):
         timeouts=VMTimeouts(boot_s=cfg.timeouts.boot_s, shutdown_grace_s=cfg.timeouts.shutdown_s),
         qemu_rlimits=cfg.confinement.qemu_rlimits,
         virtiofsd_hardening=cfg.confinement.virtiofsd_hardening,
+        qemu_jail=cfg.confinement.qemu_jail,
+        qemu_uid_base=cfg.confinement.qemu_uid_base, qemu_uid_count=cfg.confinement.qemu_uid_count,
     )
     kw.update(overrides)
     try:

@@ -119,8 +119,9 @@ async def boot_guest(state_dir: str | os.PathLike[str], config: VMConfig | None 
 async def boot_guest_for_template(state_dir: str | os.PathLike[str], config: VMConfig, ram: TemplateArgv, *,
                                   name: str = "spinbox-template") -> Guest:
     """A cold boot with the RAM in a file and a vmgenid device (shim/vm/template.py saves it).
-    Never in a sandbox's cgroup: the RAM file it writes outlives the sandbox that built it."""
-    config = dataclasses.replace(config, host_cgroup_dirs=())
+    Never in a sandbox's cgroup: the RAM file it writes outlives the sandbox that built it. Not
+    jailed (shim/vm/jail.py): QEMU creates that file, and no sandbox workload runs in it."""
+    config = dataclasses.replace(config, host_cgroup_dirs=(), qemu_jail=False)
     return await _start_guest(VM(config, state_dir, name=name), name, template=ram)
 
 

@@ -7,7 +7,8 @@ locked a file which has since been unlinked (inode differs from the path's) just
 
 Before taking a free lock we also skip CIDs that a live QEMU still uses (an orphan of a crashed
 shim whose lock died with it): its command line contains `guest-cid=<N>`. Only a QEMU we could
-have started counts -- a root-owned process whose executable is the configured QEMU binary --
+have started counts -- a process of root or of a jailed QEMU's uid range whose executable is
+the configured QEMU binary --
 or any user could run `sleep guest-cid=4,...` and make the shim skip (or exhaust) CIDs. Where
 /dev/vhost-vsock exists, `probe_vhost=True` additionally asks the kernel (VHOST_VSOCK_SET_GUEST_CID
 answers EADDRINUSE for a CID another VM holds, ours or not).
@@ -77,11 +78,12 @@ def qemu_executables(binaries: Iterable[str]) -> set[str]:
     return out
 
 
-def _is_our_qemu(proc_dir: str, exes: set[str]) -> bool:
-    """Owned by root and running one of `exes` (a binary replaced since it started reads
-    "<path> (deleted)")."""
+def _is_our_qemu(proc_dir: str, exes: set[str], uids: range = range(0)) -> bool:
+    """Owned by root or by a jailed QEMU's uid (`uids`, shim/vm/jail.py) and running one of
+    `exes` (a binary replaced since it started reads "<path> (deleted)")."""
     try:
-        if os.stat(proc_dir).st_uid != 0:
+        owner = os.stat(proc_dir).st_uid
+        if owner != 0 and owner not in uids:
             return False
         exe = os.readlink(os.path.join(proc_dir, "exe"))
     except OSError:
@@ -90,8 +92,8 @@ def _is_our_qemu(proc_dir: str, exes: set[str]) -> bool:
 
 
 def cids_in_use_by_processes(proc_root: str | Path = "/proc",
-                             qemu_binaries: Iterable[str] = (DEFAULT_QEMU,)) -> set[int]:
-    """CIDs named as `guest-cid=N` in the command line of a root-owned QEMU (orphaned QEMUs)."""
+                             qemu_binaries: Iterable[str] = (DEFAULT_QEMU,), qemu_uids: range = range(0)) -> set[int]:
+    """CIDs named as `guest-cid=N` in the command line of a QEMU of ours (orphaned QEMUs)."""
     exes = qemu_executables(qemu_binaries)
     used: set[int] = set()
     for entry in os.scandir(proc_root):
@@ -101,7 +103,7 @@ def cids_in_use_by_processes(proc_root: str | Path = "/proc",
             raw = Path(entry.path, "cmdline").read_bytes()
         except OSError:
             continue
-        if b"guest-cid=" not in raw or not _is_our_qemu(entry.path, exes):
+        if b"guest-cid=" not in raw or not _is_our_qemu(entry.path, exes, qemu_uids):
             continue
         for arg in raw.split(b"\0"):
             for part in arg.split(b","):
@@ -150,7 +152,7 @@ def _try_lock(path: Path) -> int | None:
 
 def allocate_cid(runtime_dir: str | Path = DEFAULT_RUNTIME_DIR, *, start: int = MIN_CID + 1,
                  end: int = 65535, proc_root: str | Path = "/proc", probe_vhost: bool = False,
-                 qemu_binaries: Iterable[str] = (DEFAULT_QEMU,)) -> CIDLease:
+                 qemu_binaries: Iterable[str] = (DEFAULT_QEMU,), qemu_uids: range = range(0)) -> CIDLease:
     """Lowest free CID in [start, end]. CID 3 is skipped by default (peers saw transient routing
     trouble with it); pass start=3 to allow it. `qemu_binaries`: the configured QEMU (its
     orphans' CIDs are skipped)."""
@@ -158,7 +160,7 @@ def allocate_cid(runtime_dir: str | Path = DEFAULT_RUNTIME_DIR, *, start: int = 
         raise ValueError(f"CID range must lie within {MIN_CID}..{MAX_CID} (got {start}..{end})")
     d = Path(runtime_dir)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    busy = cids_in_use_by_processes(proc_root, qemu_binaries)
+    busy = cids_in_use_by_processes(proc_root, qemu_binaries, qemu_uids)
     for cid in range(start, end + 1):
         if cid in busy:
             continue

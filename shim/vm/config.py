@@ -90,6 +90,11 @@ class VMConfig:
     # an explicit namespace sandbox, CAP_MKNOD/CAP_SETFCAP dropped
     qemu_rlimits: bool = True
     virtiofsd_hardening: bool = True
+    # shim/vm/jail.py: QEMU runs as a uid of its own (qemu_uid_base + a free slot) in a mount
+    # namespace whose root holds only what it reads; off for template builds
+    qemu_jail: bool = True
+    qemu_uid_base: int = 0x70000000
+    qemu_uid_count: int = 65536
     rng: bool = True                    # virtio-rng: the guest's CRNG is ready at once
     tcg_tb_size_mb: int | None = None   # TCG translation cache size (trims idle RSS a little)
     # QEMU gets SIGKILL when the process that started it dies (PR_SET_PDEATHSIG)
@@ -130,6 +135,10 @@ class VMConfig:
         choice("transport", TRANSPORTS)
         choice("memory_backend", MEMORY_BACKENDS)
         choice("memory_hotplug", MEMORY_HOTPLUG)
+        if not 1000 <= self.qemu_uid_base or self.qemu_uid_count < 1 \
+                or self.qemu_uid_base + self.qemu_uid_count > 0xFFFFFFFF:
+            raise err("qemu_uid_base", f"uid range {self.qemu_uid_base}+{self.qemu_uid_count} must lie within "
+                      "1000..2^32-2")
         for key in ("vcpus", "memory_mb"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -230,9 +239,9 @@ class VMConfig:
 
 _PATH_KEYS = {"kernel", "initrd", "root_disk", "console_log"}
 _INT_KEYS = {"pci_hotplug_ports", "vcpus", "max_vcpus", "memory_mb", "max_memory_mb", "memory_slots", "vsock_port", "tcg_tb_size_mb",
-             "console_log_max_bytes"}
+             "console_log_max_bytes", "qemu_uid_base", "qemu_uid_count"}
 _BOOL_KEYS = {"keep_console_log", "seccomp_sandbox", "rng", "die_with_parent", "qemu_rlimits",
-              "virtiofsd_hardening"}
+              "virtiofsd_hardening", "qemu_jail"}
 
 
 def _coerce(key: str, name: str, value: Any) -> Any:

@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,6 +281,24 @@ class VirtioFSHandle(Handle):
 _SO_ACCEPTCON = 0x10000     # /proc/net/unix "Flags": the socket is listening
 
 
+async def send_fd(vm: VM, fd: int, fdname: str) -> None:
+    """Give QEMU a copy of `fd` under `fdname` (QMP getfd); the caller closes its own."""
+    async with vm.fd_lock:  # QEMU binds the fd to the next getfd on this monitor
+        vm.qmp.send_fd_scm(fd)
+        await vm.execute("getfd", {"fdname": fdname})
+
+
+async def send_connection(vm: VM, path: str | os.PathLike[str], fdname: str) -> None:
+    """Connect to the unix socket at `path` and give QEMU the connection as `fdname`."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(conn, os.fspath(path))
+        await send_fd(vm, conn.fileno(), fdname)
+    finally:
+        conn.close()
+
+
 def unix_socket_listening(path: str | os.PathLike[str], proc_net_unix: str = "/proc/net/unix") -> bool:
     """Whether a unix socket bound at `path` is listening in this network namespace, read from
     /proc/net/unix (`Num RefCount Protocol Flags Type St Inode Path`) without connecting."""
@@ -341,8 +360,12 @@ async def add_virtiofs(vm: VM, source: str | os.PathLike[str], tag: str, *, cach
                 raise DeviceError(f"virtiofsd for {tag!r} is not listening on {sock} "
                                   f"(exit status {handle.proc.returncode}): {out_tail}")
             await asyncio.sleep(0.005)
+        # the shim connects and hands QEMU the connection: a jailed QEMU reaches no host path
+        # (shim/vm/jail.py), and virtiofsd's root-owned socket needs no opening up for it
+        fdname = f"{handle.chardev_id}-fd"
+        await send_connection(vm, sock, fdname)
         await vm.execute("chardev-add", {"id": handle.chardev_id, "backend": {
-            "type": "socket", "data": {"addr": {"type": "unix", "data": {"path": str(sock)}}, "server": False}}})
+            "type": "socket", "data": {"addr": {"type": "fd", "data": {"str": fdname}}, "server": False}}})
         await vm.execute("device_add", {"driver": "vhost-user-fs-pci", "id": handle.id, "bus": port,
                                         "chardev": handle.chardev_id, "tag": tag})
     except BaseException:
@@ -388,11 +411,18 @@ async def add_tap_nic(vm: VM, tap_fd: int, mac: str, *, vhost: bool | None = Non
     fdname, netdev_id = f"{dev_id}-fd", f"{dev_id}-net"
     port = _take_port(vm)
     try:
-        async with vm.fd_lock:  # QEMU binds the fd to the next getfd on this monitor
-            vm.qmp.send_fd_scm(tap_fd)
-            await vm.execute("getfd", {"fdname": fdname})
+        await send_fd(vm, tap_fd, fdname)
+        netdev: dict[str, Any] = {"type": "tap", "id": netdev_id, "fd": fdname, "vhost": vhost}
+        if vhost and vm.qemu_uid is not None:
+            # a jailed QEMU cannot open /dev/vhost-net itself: the shim opens it for it
+            vfd = os.open("/dev/vhost-net", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                await send_fd(vm, vfd, f"{dev_id}-vhost")
+            finally:
+                os.close(vfd)
+            netdev["vhostfd"] = f"{dev_id}-vhost"
         try:
-            await vm.execute("netdev_add", {"type": "tap", "id": netdev_id, "fd": fdname, "vhost": vhost})
+            await vm.execute("netdev_add", netdev)
         except BaseException:
             with contextlib.suppress(Exception):
                 await vm.execute("closefd", {"fdname": fdname})
@@ -417,9 +447,12 @@ async def add_tap_nic(vm: VM, tap_fd: int, mac: str, *, vhost: bool | None = Non
 class DiskHandle(Handle):
     node_name: str = ""
     serial: str = ""
+    fdset: int | None = None      # a jailed QEMU's image fd
 
     async def _release_backend(self) -> None:
         await self.vm.execute("blockdev-del", {"node-name": self.node_name})
+        if self.fdset is not None:
+            await self.vm.execute("remove-fd", {"fdset-id": self.fdset})
 
 
 async def add_disk(vm: VM, path: str | os.PathLike[str], *, readonly: bool = True, fmt: str = "raw",
@@ -437,9 +470,21 @@ async def add_disk(vm: VM, path: str | os.PathLike[str], *, readonly: bool = Tru
         raise DeviceError(f"disk serial must be <= 20 characters [A-Za-z0-9_-] (got {serial!r})")
     node = f"{dev_id}-node"
     port = _take_port(vm)
+    fdset: int | None = None
     try:
+        filename = str(p)
+        if vm.qemu_uid is not None:
+            # a jailed QEMU opens no host path: the image goes in as an fd set (/dev/fdset/N)
+            fd = os.open(p, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+            try:
+                async with vm.fd_lock:
+                    vm.qmp.send_fd_scm(fd)
+                    fdset = int((await vm.execute("add-fd", {}))["fdset-id"])
+            finally:
+                os.close(fd)
+            filename = f"/dev/fdset/{fdset}"
         await vm.execute("blockdev-add", {"driver": fmt, "node-name": node, "read-only": readonly,
-                                          "file": {"driver": "file", "filename": str(p), "read-only": readonly}})
+                                          "file": {"driver": "file", "filename": filename, "read-only": readonly}})
         try:
             await vm.execute("device_add", {"driver": "virtio-blk-pci", "id": dev_id, "bus": port,
                                             "drive": node, "serial": serial})
@@ -449,5 +494,8 @@ async def add_disk(vm: VM, path: str | os.PathLike[str], *, readonly: bool = Tru
             raise
     except BaseException:
         vm.used_ports.discard(port or "")
+        if fdset is not None:
+            with contextlib.suppress(Exception):
+                await vm.execute("remove-fd", {"fdset-id": fdset})
         raise
-    return DiskHandle(vm, dev_id, port=port, node_name=node, serial=serial)
+    return DiskHandle(vm, dev_id, port=port, node_name=node, serial=serial, fdset=fdset)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
@@ -49,13 +50,15 @@ from spinbox.shim.errors import HostError
 from . import accel as accel_mod
 from . import confine
 from . import hostcgroup
+from . import jail as jail_mod
 from . import logsink
 from . import procinfo
+from . import uids
 from .cid import DEFAULT_RUNTIME_DIR, CIDLease, allocate_cid
 from .config import VMConfig
 from .console import ConsoleLog
 from .paths import VMPaths
-from .qemu_args import Resolved, TemplateArgv, build_argv
+from .qemu_args import PassedFds, Resolved, TemplateArgv, build_argv
 from .qmp import QMPClient
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,21 @@ class VMExit:
     t: float             # host seconds since QEMU exec
 
 
+def _listening_socket(path: Path) -> int:
+    """A unix socket listening at `path` (0600), as an fd for QEMU to serve: a jailed QEMU
+    cannot create one (it has no writable dir), and clients connect by path as before."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path.unlink(missing_ok=True)
+        s.bind(str(path))
+        os.chmod(path, 0o600)
+        s.listen(16)
+    except BaseException:
+        s.close()
+        raise
+    return s.detach()
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -129,6 +147,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 class VM:
     def __init__(self, config: VMConfig, state_dir: str | os.PathLike[str], *, name: str = "spinbox",
                  cid_runtime_dir: str | os.PathLike[str] = DEFAULT_RUNTIME_DIR,
+                 uid_runtime_dir: str | os.PathLike[str] = uids.DEFAULT_RUNTIME_DIR,
                  accel: accel_mod.Choice | None = None, transport: accel_mod.Choice | None = None):
         self.config = config.validate()
         self.name = name
@@ -139,6 +158,9 @@ class VM:
         self._state = VMState.CREATED
         self._state_changed = asyncio.Event()
         self._cid: CIDLease | None = None
+        self._uid_runtime_dir = Path(uid_runtime_dir)
+        self._uid: uids.UIDLease | None = None     # the jailed QEMU's own uid (shim/vm/jail.py)
+        self.jail_problem: str | None = None        # why QEMU runs unjailed although configured
         self._proc: asyncio.subprocess.Process | None = None
         self._pid_start: int | None = None
         self._qmp: QMPClient | None = None
@@ -185,6 +207,16 @@ class VM:
     @property
     def cid(self) -> int | None:
         return self._cid.cid if self._cid else None
+
+    @property
+    def qemu_uid(self) -> int | None:
+        """The uid QEMU runs as when jailed (None: as root)."""
+        return self._uid.uid if self._uid else None
+
+    @property
+    def jail_root(self) -> Path:
+        """The empty dir the jail's root is mounted on (in QEMU's mount namespace only)."""
+        return self.paths.state_dir / "jail"
 
     @property
     def qmp(self) -> QMPClient:
@@ -271,39 +303,85 @@ class VM:
             self._created_state_dir = True
         for p in (self.paths.qmp_socket, self.paths.agent_socket, self.paths.pidfile):
             p.unlink(missing_ok=True)  # stale ones from an earlier VM in this dir
+        uid_range = range(c.qemu_uid_base, c.qemu_uid_base + c.qemu_uid_count)
         if self.transport.value == "vsock":
-            self._cid = allocate_cid(self._cid_runtime_dir, qemu_binaries=(c.qemu_binary,))
+            self._cid = allocate_cid(self._cid_runtime_dir, qemu_binaries=(c.qemu_binary,), qemu_uids=uid_range)
+        if c.qemu_jail and self._uid is None:
+            self._uid = uids.allocate_uid(self._uid_runtime_dir, base=c.qemu_uid_base, count=c.qemu_uid_count)
+            self.jail_root.mkdir(mode=0o700, exist_ok=True)
+
+    def _jail_setup(self) -> tuple[jail_mod.JailSpec | None, list[int], PassedFds | None]:
+        """The jail QEMU starts in and the fds the shim opens for it (the caller closes its
+        copies once QEMU has them). Unjailed, with one warning, where it cannot work here."""
+        if self._uid is None:
+            return None, [], None
+        try:
+            spec = jail_mod.jail_spec(self.config, root=self.jail_root, uid=self._uid.uid,
+                                      accel=self.accel.value,  # type: ignore[union-attr]
+                                      nofile=confine.QEMU_NOFILE,
+                                      parent=os.getpid() if self.config.die_with_parent else None)
+            if not self.config.qemu_rlimits:
+                spec = dataclasses.replace(spec, rlimits={})
+        except jail_mod.JailError as e:
+            self.jail_problem = str(e)
+            log.warning("vm %s: QEMU runs unjailed (as root): %s", self.name, e)
+            self._uid.release()
+            self._uid = None
+            return None, [], None
+        held: list[int] = []
+        try:
+            held.append(_listening_socket(self.paths.qmp_socket))
+            agent = vhost = None
+            if self.transport.value == "virtio-serial":  # type: ignore[union-attr]
+                agent = _listening_socket(self.paths.agent_socket)
+                held.append(agent)
+            else:
+                vhost = os.open("/dev/vhost-vsock", os.O_RDWR | os.O_CLOEXEC)
+                held.append(vhost)
+        except BaseException:
+            for fd in held:
+                os.close(fd)
+            raise
+        return spec, held, PassedFds(qmp=held[0], agent=agent, vhost_vsock=vhost)
 
     async def _exec(self) -> None:
         # the console: a socketpair, QEMU's end inherited; ours read on the loop into the
         # bounded console file (the guest writes it at will, logsink's docstring)
+        spec, held, fds = self._jail_setup()
         ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = build_argv(self.config, self.paths,
                           Resolved(self.accel.value, self.transport.value, self.cid),  # type: ignore[union-attr]
-                          name=self.name, template=self.template, console_fd=qemus.fileno())
+                          name=self.name, template=self.template, console_fd=qemus.fileno(), fds=fds)
+        if spec is not None:
+            # rlimits and the parent-death signal are set by the launcher, after the uid change
+            argv = jail_mod.launcher_argv(spec, argv)
+            preexec = None
+        else:
+            # confinement (shim/vm/confine.py): no core dumps of guest RAM, bounded fds
+            preexec = confine.compose_preexec(
+                procinfo.set_pdeathsig if self.config.die_with_parent else None,
+                (lambda: confine.set_rlimits(confine.qemu_rlimits())) if self.config.qemu_rlimits else None)
         log.debug("vm %s: exec %s", self.name, " ".join(argv))
         self._close_logs()             # a retried boot's
         self.paths.console_log.parent.mkdir(parents=True, exist_ok=True)
         console_file = logsink.RotatingFile(self.paths.console_log, self.config.console_log_max_bytes)
         self._qemu_output = logsink.ChildOutput(self.paths.qemu_log, logsink.QEMU_LOG_MAX_BYTES)
-        pass_fds = (qemus.fileno(), *(self.restore.pass_fds if self.restore else ()))
+        pass_fds = (qemus.fileno(), *held, *(self.restore.pass_fds if self.restore else ()))
         try:
             self._t0 = time.monotonic()
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=self._qemu_output.child_fd,
                 stderr=asyncio.subprocess.STDOUT,
                 process_group=0,  # our signals (Ctrl-C to the shim's group) never reach it
-                pass_fds=pass_fds,
-                # confinement (shim/vm/confine.py): no core dumps of guest RAM, bounded fds
-                preexec_fn=confine.compose_preexec(
-                    procinfo.set_pdeathsig if self.config.die_with_parent else None,
-                    (lambda: confine.set_rlimits(confine.qemu_rlimits())) if self.config.qemu_rlimits else None))
+                pass_fds=pass_fds, preexec_fn=preexec)
         except BaseException:
             ours.close()
             console_file.close()
             raise
         finally:
             qemus.close()              # QEMU's now: its exit is our EOF
+            for fd in held:            # QEMU's listening sockets (and vhost fd) now
+                os.close(fd)
             self._qemu_output.started()
         self.timeline = {"qemu_exec": 0.0}
         self._pid_start = procinfo.start_time(self._proc.pid)
@@ -368,6 +446,8 @@ class VM:
             "tag": str(self.paths.qmp_socket),   # appears in QEMU's argv: proves it is ours
             "cid": self.cid,
             "cid_lock": str(self._cid.path) if self._cid else None,
+            "uid": self.qemu_uid,          # a jailed QEMU: kill_from_state checks it runs as this
+            "uid_lock": str(self._uid.path) if self._uid else None,
             "helpers": self._helpers,
             "files": [str(p) for p in self._owned_files()],
         })
@@ -712,6 +792,10 @@ class VM:
                 log.exception("vm %s: cleanup %s failed", self.name, what)
         if self._cid is not None:
             self._cid.release()
+        if self._uid is not None:
+            self._uid.release()
+        with contextlib.suppress(OSError):
+            self.jail_root.rmdir()
         for p in self._owned_files():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -751,24 +835,30 @@ def kill_from_state(state_dir: str | os.PathLike[str], *, timeout: float = 5.0,
     # helpers first: once QEMU is gone a virtiofsd exits by itself and the report would race
     procs = [(f"helper {k}", h.get("pid"), h.get("start_time"), h.get("tag"))
              for k, h in (st.get("helpers") or {}).items()]
+    uid = st.get("uid") if isinstance(st.get("uid"), int) else None
+    # a jailed QEMU must also still run as its own uid
     procs.append(("qemu", st.get("pid"), st.get("start_time"), st.get("tag")))
     for what, pid, start, tag in procs:
         if isinstance(pid, int) and isinstance(start, int):
-            if procinfo.kill_verified(pid, start, tag, timeout=timeout):
+            if procinfo.kill_verified(pid, start, tag, timeout=timeout, uid=uid if what == "qemu" else None):
                 done.append(f"killed {what} pid {pid}")
             else:
                 done.append(f"{what} pid {pid} already gone")
-    cid_lock = st.get("cid_lock")
-    if cid_lock:
+    for lock_key, what in (("cid_lock", f"CID {st.get('cid')}"), ("uid_lock", f"QEMU uid {uid}")):
+        lock = st.get(lock_key)
+        if not isinstance(lock, str) or not lock:
+            continue
         # the dead shim's flock died with it; the file is ours to remove if nobody locked it
         from .cid import _try_lock
-        p = Path(cid_lock)
+        p = Path(lock)
         if p.exists():
             fd = _try_lock(p)
             if fd is not None:
                 p.unlink(missing_ok=True)
                 os.close(fd)
-                done.append(f"released CID {st.get('cid')}")
+                done.append(f"released {what}")
+    with contextlib.suppress(OSError):
+        (d / "jail").rmdir()
     for f in st.get("files") or []:
         p = Path(f)
         if p.parent != d or (keep_console_log and p.name in ("console.log", "console.log.1")):

@@ -41,13 +41,20 @@ def cmdline(pid: int, proc_root: str | Path = "/proc") -> list[str] | None:
 
 
 def is_same_process(pid: int, expected_start: int, tag: str | None = None,
-                    proc_root: str | Path = "/proc") -> bool:
+                    proc_root: str | Path = "/proc", uid: int | None = None) -> bool:
     """True if `pid` is still the process that started at `expected_start` (and, if `tag` is
-    given, has it as a substring of one of its arguments) and has not exited (zombie = exited)."""
+    given, has it as a substring of one of its arguments; if `uid` is, runs as that uid) and
+    has not exited (zombie = exited)."""
     if pid <= 1 or start_time(pid, proc_root) != expected_start:
         return False
     if state(pid, proc_root) in ("Z", "X", None):
         return False
+    if uid is not None:
+        try:
+            if os.stat(Path(proc_root, str(pid))).st_uid != uid:
+                return False
+        except OSError:
+            return False
     if tag is not None:
         args = cmdline(pid, proc_root) or []
         return any(tag in a for a in args)
@@ -55,10 +62,10 @@ def is_same_process(pid: int, expected_start: int, tag: str | None = None,
 
 
 def kill_verified(pid: int, expected_start: int, tag: str | None, *, timeout: float = 5.0,
-                  group: bool = True) -> bool:
+                  group: bool = True, uid: int | None = None) -> bool:
     """SIGKILL the process (its group when it leads one) if it is still ours; wait until it is
     gone or a zombie (not our child: someone else reaps it). Returns True if it was killed."""
-    if not is_same_process(pid, expected_start, tag):
+    if not is_same_process(pid, expected_start, tag, uid=uid):
         return False
     try:
         if group and os.getpgid(pid) == pid:

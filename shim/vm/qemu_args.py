@@ -37,6 +37,7 @@ VIRTIO_MEM_BACKEND_ID = "vmem0-mem"
 RAM_BACKEND_ID = "ram0"
 AGENT_CHARDEV_ID = "agent"
 VMGENID_ID = "vmgenid0"
+TAG_OBJECT_ID = "spinbox-tag"
 HOTPLUG_PORT_PREFIX = "hp"        # pcie-root-port ids hp0, hp1, ...
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -57,6 +58,17 @@ class TemplateArgv:
     share: bool            # share=on: template build / per-clone copy; share=off: MAP_PRIVATE clone
     vmgenid: str = "auto"  # the VM generation id: "auto" in the template, a new uuid per clone
     incoming: bool = False  # -incoming defer: the clone waits for migrate-incoming over QMP
+
+
+@dataclass(frozen=True)
+class PassedFds:
+    """Sockets and devices the shim opens for a jailed QEMU (shim/vm/jail.py), which can reach
+    no path of the host: the QMP and agent listening sockets (bound by the shim at the same
+    paths, so clients connect as before) and /dev/vhost-vsock. No -pidfile then: vm.json has
+    the pid, and the jail has nothing writable."""
+    qmp: int
+    agent: int | None = None        # virtio-serial transport
+    vhost_vsock: int | None = None  # vsock transport
 
 
 def qopt(value: object) -> str:
@@ -106,7 +118,8 @@ def console_chardev(paths: VMPaths, console_fd: int | None) -> str:
 
 
 def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str = "spinbox",
-               template: TemplateArgv | None = None, console_fd: int | None = None) -> list[str]:
+               template: TemplateArgv | None = None, console_fd: int | None = None,
+               fds: PassedFds | None = None) -> list[str]:
     if resolved.accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be resolved to kvm or tcg (got {resolved.accel!r})")
     if resolved.transport not in ("vsock", "virtio-serial"):
@@ -161,9 +174,15 @@ def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str =
     argv += ["-append", kernel_cmdline(config, resolved)]
     if config.seccomp_sandbox:
         argv += ["-sandbox", SANDBOX]
+    if fds is None:
+        argv += ["-pidfile", str(paths.pidfile),
+                 "-chardev", f"socket,id=qmp,path={qopt(paths.qmp_socket)},server=on,wait=off"]
+    else:
+        # the QMP socket's path stays on the command line as an inert secret object: it names
+        # the VM's state dir to `ps`, leak checks and crash cleanup (vm.json's argv tag)
+        argv += ["-chardev", f"socket,id=qmp,fd={fds.qmp},server=on,wait=off",
+                 "-object", f"secret,id={TAG_OBJECT_ID},format=raw,data={qopt(paths.qmp_socket)}"]
     argv += [
-        "-pidfile", str(paths.pidfile),
-        "-chardev", f"socket,id=qmp,path={qopt(paths.qmp_socket)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-chardev", console_chardev(paths, console_fd),
         "-serial", "chardev:console",
@@ -171,11 +190,14 @@ def build_argv(config: VMConfig, paths: VMPaths, resolved: Resolved, name: str =
     if resolved.transport == "virtio-serial":
         argv += [
             "-device", f"{virtio_device(config, 'virtio-serial')},id=vser0",
-            "-chardev", f"socket,id={AGENT_CHARDEV_ID},path={qopt(paths.agent_socket)},server=on,wait=off",
+            "-chardev", f"socket,id={AGENT_CHARDEV_ID},"
+                        + (f"fd={fds.agent}" if fds is not None and fds.agent is not None
+                           else f"path={qopt(paths.agent_socket)}") + ",server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev={AGENT_CHARDEV_ID},name={config.agent_port_name}",
         ]
     else:
-        argv += ["-device", f"{virtio_device(config, 'vhost-vsock')},id=vsock0,guest-cid={resolved.cid}"]
+        vhostfd = f",vhostfd={fds.vhost_vsock}" if fds is not None and fds.vhost_vsock is not None else ""
+        argv += ["-device", f"{virtio_device(config, 'vhost-vsock')},id=vsock0,guest-cid={resolved.cid}{vhostfd}"]
     if config.root_disk is not None:
         argv += [
             "-drive", f"file={qopt(config.root_disk)},if=none,id=root,format=raw,readonly=on",

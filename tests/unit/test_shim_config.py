@@ -26,7 +26,8 @@ NON_DEFAULT = {
               "kernel_cmdline_extra": ["foo=1", "bar"], "debug_console": True,
               "console_log_max_mb": 16},
     "confinement": {"qemu_rlimits": False, "virtiofsd_hardening": False, "host_cgroup": False,
-                    "host_cgroup_parent": "/k8s.slice"},
+                    "host_cgroup_parent": "/k8s.slice", "qemu_jail": False, "qemu_uid_base": 200000,
+                    "qemu_uid_count": 100},
     "autoscale": {"enabled": True, "interval_s": 2.0, "grow_above_pct": 70.0, "shrink_below_pct": 20.0,
                   "sustain_s": 10.0, "cooldown_s": 15.0, "min_vcpus": 2, "max_vcpus": 5},
 }
