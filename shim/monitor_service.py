@@ -3,7 +3,7 @@
 `spinbox monitor` (shim.monitor) finds every shim daemon from its state file and calls
 `Figures` on it; the answer is what this daemon knows of its sandbox: how the VM started and
 how long that took, its size (host truth: the size the guest confirmed, shim.resize), the
-guest's own memory figures (one bounded System.Info call: a slow guest costs one scrape
+guest's own memory and CPU figures (one bounded System.Info call: a slow guest costs one scrape
 GUEST_TIMEOUT_S and reads `guest_answered = false`, never a hang), QEMU's CPU time and RSS on
 the host, and the daemon's counters (shim.counters). Nothing here changes the sandbox.
 
@@ -34,7 +34,6 @@ from .sizing import MiB
 log = logging.getLogger(__name__)
 
 GUEST_TIMEOUT_S = 1.0          # the guest's Info during a scrape or a Stats call
-SERVICE = "spinbox.monitor.v1.Monitor"
 
 
 @dataclass(frozen=True)
