@@ -3,6 +3,12 @@ own containerd config (left untouched where containerd is 1.6/1.7: install refus
 then a containerd on that same config finds the installed shim with a service's PATH (no
 virtualenv on it) and `ctr run --runtime io.containerd.spinbox.v1` prints "hi" from a microVM;
 then `spinbox uninstall`, and every file install could touch is as it was (hashes, modes).
+(Under SPINBOX_TEST_CONTAINERD_BIN=<2.x dir> install adds its imports line to the real
+config.toml and uninstall takes it out again.)
+
+Then, per containerd release at hand (the system's and those scripts/fetch-containerd unpacked),
+the runtime entry install writes into a copy of the host's config is loaded by that containerd:
+its CRI plugin is ok and its merged config has both runtimes and the host's CNI dirs.
 
 The containerd here is private: it runs on a copy of /etc/containerd/config.toml whose system
 paths (its root and state dirs, the CNI conf dir, the opt dir) point into a temp dir and whose
@@ -12,6 +18,7 @@ so the leak checks of the ctr suite apply and no VM template is left in /run.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -31,6 +38,7 @@ from integration.containerd import CONTAINERD, Containerd, missing_prerequisites
 from integration.images import import_busybox
 from integration.test_ctr_run import SHARE_DIR, Env, leftovers, wait_until
 from spinbox.shim import install
+from spinbox.shim.cli import main as cli_main
 
 pytestmark = pytest.mark.integration
 
@@ -69,13 +77,16 @@ def tree(paths: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def machine_config(base: Path) -> str:
-    """The host's config.toml with its system paths moved below `base` and a private socket."""
-    text = HOST_CONFIG.read_text()
+def machine_config(base: Path, source: Path = HOST_CONFIG, rewrites: tuple[tuple[str, str], ...] = ()) -> str:
+    """A containerd config (the host's by default) with its system paths moved below `base`,
+    `rewrites` (old, new) applied, and a private socket."""
+    text = source.read_text()
     parsed = tomllib.loads(text)
     for key in ("root", "state", "grpc", "ttrpc"):
         if key in parsed:
-            pytest.skip(f"{HOST_CONFIG} sets `{key}`: this test only moves the default paths")
+            pytest.skip(f"{source} sets `{key}`: this test only moves the default paths")
+    for old, new in rewrites:
+        text = text.replace(old, new)
     for system, mine in MOVED:
         for quote in ('"', "'"):
             text = text.replace(quote + system, quote + str(base / mine))
@@ -87,14 +98,19 @@ def machine_config(base: Path) -> str:
 
 class MachineConfigContainerd(Containerd):
     """A private containerd on the machine's own config (see machine_config), with the PATH a
-    service has."""
+    service has; `binary`, `source` and `rewrites` pick another containerd and config."""
+
+    def __init__(self, base: Path, *, binary: str = CONTAINERD, source: Path = HOST_CONFIG,
+                 rewrites: tuple[tuple[str, str], ...] = (), **kw) -> None:
+        super().__init__(base, **kw)
+        self.binary, self.source, self.rewrites = binary, source, rewrites
 
     def start(self, timeout: float = 30.0) -> None:
         for d in ("root", "state", "cni-conf", "opt", "fifo"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(machine_config(self.base))
+        self.config_path.write_text(machine_config(self.base, self.source, self.rewrites))
         self._log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([shutil.which(CONTAINERD), "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([shutil.which(self.binary) or self.binary, "--config", str(self.config_path)],
                                      stdin=subprocess.DEVNULL, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
         self._wait_ready(timeout)
@@ -123,7 +139,7 @@ def test_install_then_ctr_run_with_the_host_containerd_config_then_uninstall():
         pytest.skip(f"spinbox is installed on this host ({install.MANIFEST} or {install.LAUNCHER} "
                     f"exists): this test would uninstall it")
     assert shutil.which(install.SHIM_NAME, path=SERVICE_PATH) is None, "a shim is on the service PATH already"
-    version = install.detect_version()
+    version = install.detect_version(CONTAINERD)
     before = tree(WATCHED)
     config_before = HOST_CONFIG.read_bytes()
 
@@ -145,16 +161,19 @@ def test_install_then_ctr_run_with_the_host_containerd_config_then_uninstall():
         out = err = ""
         try:
             t0 = time.monotonic()
-            r = subprocess.run([str(SPINBOX), "install"], capture_output=True, text=True, timeout=120)
+            r = subprocess.run([str(SPINBOX), "install", "--containerd", CONTAINERD], capture_output=True,
+                               text=True, timeout=120)
             install_s = time.monotonic() - t0
             out, err = r.stdout, r.stderr
             assert r.returncode == 0, err
             assert Path(install.LAUNCHER).is_file() and Path(install.SPINBOX_CONFIG).is_file()
-            assert HOST_CONFIG.read_bytes() == config_before
             if version[0] < 2:
+                assert HOST_CONFIG.read_bytes() == config_before
                 assert "NOT changed" in out and "--edit-config" in out, out
             else:
                 assert Path(install.DROPIN).is_file()
+                assert install.imports_covers(tomllib.loads(HOST_CONFIG.read_text()).get("imports", []),
+                                              install.CONTAINERD_CONFIG, install.DROPIN)
             assert "needs no containerd config entry" in out
 
             id1 = f"inst-{uuid.uuid4().hex[:6]}"
@@ -189,3 +208,71 @@ def test_install_then_ctr_run_with_the_host_containerd_config_then_uninstall():
         c.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     assert tree(WATCHED) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# the runtime entry, loaded by each containerd release at hand
+
+FETCH_CACHE = Path(os.environ.get("SPINBOX_CONTAINERD_CACHE", "/var/cache/spinbox/containerd"))
+
+
+def _releases() -> list[str]:
+    """The system containerd and those scripts/fetch-containerd unpacked (docs/testing.md)."""
+    found = [b for b in [shutil.which(CONTAINERD)] if b]
+    found += sorted(glob.glob(str(FETCH_CACHE / "*" / "usr" / "bin" / "containerd")))
+    return [b for b in found if os.access(b, os.X_OK)]
+
+
+@pytest.mark.parametrize("binary", _releases() or ["containerd"],
+                         ids=lambda b: b.split("/")[-4] if str(FETCH_CACHE) in b else "system")
+def test_the_runtime_entry_loads_in_real_containerd(binary, tmp_path, capsys):
+    """Install into a temp root holding a copy of this host's config.toml (1.x: --edit-config,
+    2.x: the drop-in), start that containerd release on the result: its CRI plugin loads, its
+    merged config has the spinbox and runc runtimes and still the host's CNI dirs; uninstall
+    puts the file back byte for byte."""
+    why = missing_prerequisites()
+    if not HOST_CONFIG.is_file():
+        why.append(f"no {HOST_CONFIG}")
+    if why:
+        skip_or_fail(why)
+    major, minor = install.detect_version(binary)
+    root = tmp_path / "root"
+    cfg = root / install.CONTAINERD_CONFIG.lstrip("/")
+    cfg.parent.mkdir(parents=True)
+    shutil.copy2(HOST_CONFIG, cfg)
+    original = cfg.read_bytes()
+    argv = ["install", "--root", str(root), "--containerd", binary] + (["--edit-config"] if major < 2 else [])
+    assert cli_main(argv) == 0, capsys.readouterr()
+    capsys.readouterr()
+
+    dropin = root / install.DROPIN.lstrip("/")
+    c = MachineConfigContainerd.create(binary=binary, source=cfg, cri=True, namespace="spinbox-install-cfg",
+                                       rewrites=((_q(install.DROPIN), _q(str(dropin))),))
+    try:
+        dump = subprocess.run([binary, "--config", str(c.config_path), "config", "dump"],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+        merged = tomllib.loads(dump)
+        cri_id = install.CRI_V2 if major < 2 else install.CRI_V3
+        cri = merged["plugins"][cri_id]
+        runtimes = cri["containerd"]["runtimes"]
+        assert runtimes["spinbox"]["runtime_type"] == "io.containerd.spinbox.v1"
+        assert runtimes["runc"]["runtime_type"] == "io.containerd.runc.v2"
+        host_cni = tomllib.loads(HOST_CONFIG.read_text())["plugins"][install.CRI_V2]["cni"]
+        bin_dirs = cri["cni"].get("bin_dirs") or [cri["cni"]["bin_dir"]]
+        assert host_cni["bin_dir"] in bin_dirs
+        # the CRI plugin (and, on 2.x, its runtime half) loaded: a missing default runtime or a
+        # broken table would leave it in error
+        plugins = c.ctr("plugins", "ls").stdout.decode().splitlines()
+        cri_rows = [ln.split() for ln in plugins if " cri " in f" {ln} " or "io.containerd.cri.v1" in ln]
+        assert cri_rows and all(row[-1] == "ok" for row in cri_rows), "\n".join(plugins)
+        print(f"containerd {major}.{minor} ({binary}): CRI plugin ok, runtimes {sorted(runtimes)}")
+    finally:
+        c.cleanup()
+    assert cli_main(["uninstall", "--root", str(root)]) == 0
+    assert cfg.read_bytes() == original
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == \
+        ["etc", "etc/containerd", "etc/containerd/config.toml"]
+
+
+def _q(s: str) -> str:
+    return json.dumps(s)
