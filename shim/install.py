@@ -33,6 +33,8 @@ config.toml's original bytes back only while the file is as install left it.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -43,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +221,10 @@ def load_manifest(host: Host) -> dict[str, Any] | None:
         if (p not in EDITABLE or not isinstance(ent, dict) or not isinstance(ent.get("before_b64"), str)
                 or not isinstance(ent.get("after_sha256"), str) or not isinstance(ent.get("inserted"), str)):
             raise InstallError(f"{where}: edits entry {p!r} is not one spinbox install makes")
+        try:
+            base64.b64decode(ent["before_b64"], validate=True)
+        except ValueError:
+            raise InstallError(f"{where}: edits entry {p!r}: before_b64 is not base64") from None
     for d in dirs:
         if not isinstance(d, str) or not _is_own_dir(d):
             raise InstallError(f"{where}: dirs entry {d!r} is not a parent of a file spinbox install writes")
@@ -737,6 +744,25 @@ def venv_shim() -> str:
     return str(Path(sys.executable).parent / SHIM_NAME)
 
 
+@contextlib.contextmanager
+def exclusive(host: Host) -> Iterator[None]:
+    """One install/uninstall per root at a time: a flock on the root directory itself (nothing
+    to clean up after a crash; the kernel drops it with the process)."""
+    fd = os.open(host.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InstallError(f"another spinbox install or uninstall is running on {host.root}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _report(done: list[str], plan: Plan) -> None:
+    print("\n".join(done or ["nothing to change"]) + ("\n" + "\n".join(plan.notes) if plan.notes else ""))
+
+
 def run_install(root: str, *, dry_run: bool, edit_config: bool, cni: bool,
                 containerd: str, containerd_version: str | None, shim: str | None,
                 share_dir: str) -> int:
@@ -745,28 +771,30 @@ def run_install(root: str, *, dry_run: bool, edit_config: bool, cni: bool,
         version = parse_version(containerd_version) if containerd_version else detect_version(containerd)
         opts = InstallOptions(shim=shim or venv_shim(), containerd_version=version,
                               share_dir=share_dir, edit_config=edit_config, cni=cni)
-        plan = plan_install(host, opts)
-        if dry_run:
-            print(plan.render(dry_run=True))
-            return 0
-        done = apply(plan)
+        with exclusive(host):
+            plan = plan_install(host, opts)
+            if dry_run:
+                print(plan.render(dry_run=True))
+                return 0
+            done = apply(plan)
     except SpinboxError as e:
         print(f"spinbox install: {e}", file=sys.stderr)
         return 1
-    print("\n".join(done or ["nothing to change"]) + ("\n" + "\n".join(plan.notes) if plan.notes else ""))
+    _report(done, plan)
     return 0
 
 
 def run_uninstall(root: str, *, dry_run: bool) -> int:
     try:
         host = Host(root)
-        plan = plan_uninstall(host)
-        if dry_run:
-            print(plan.render(dry_run=True))
-            return 0
-        done = apply(plan) if plan.actions else []
+        with exclusive(host):
+            plan = plan_uninstall(host)
+            if dry_run:
+                print(plan.render(dry_run=True))
+                return 0
+            done = apply(plan) if plan.actions else []
     except SpinboxError as e:
         print(f"spinbox uninstall: {e}", file=sys.stderr)
         return 1
-    print("\n".join(done or ["nothing to change"]) + ("\n" + "\n".join(plan.notes) if plan.notes else ""))
+    _report(done, plan)
     return 0

@@ -372,3 +372,41 @@ def test_add_import_places_the_line_at_top_level():
     assert text.startswith("imports = ")           # not after the table's own `version` key
     assert tomllib.loads(text)["plugins"]["a"] == {"version": 9}
     assert text.replace(inserted, "", 1) == "# head\n[plugins.a]\n  version = 9\n"
+
+
+def test_restart_hint_follows_the_init_system(root, shim, capsys):
+    (root / "run/systemd/system").mkdir(parents=True)
+    rc, out, _ = run(root, shim, capsys=capsys)
+    assert rc == 0 and "systemctl restart containerd" in out
+    root2 = root.parent / "root2"
+    root2.mkdir()
+    rc, out, _ = run(root2, shim, capsys=capsys)
+    assert rc == 0 and "no systemd" in out and "systemctl" not in out
+
+
+def test_uninstall_without_a_manifest_and_with_a_broken_one(root, capsys):
+    rc, out, _ = uninstall(root, capsys)
+    assert rc == 0 and "nothing was installed here" in out
+    put(root, install.MANIFEST, json.dumps({
+        "version": 1, "files": {}, "dirs": [],
+        "edits": {install.CONTAINERD_CONFIG: {"before_b64": "not base64!", "after_sha256": "x",
+                                              "inserted": "x"}}}).encode())
+    rc, _, err = uninstall(root, capsys)
+    assert rc == 1 and "before_b64 is not base64" in err
+    put(root, install.MANIFEST, b"{")
+    rc, _, err = uninstall(root, capsys)
+    assert rc == 1 and "not valid JSON" in err
+
+
+def test_a_second_install_at_the_same_time_is_refused(root, shim, capsys):
+    import fcntl
+
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)          # as a running install holds it
+        rc, _, err = run(root, shim, capsys=capsys)
+        assert rc == 1 and "another spinbox install or uninstall is running" in err
+        assert not any(root.iterdir())
+    finally:
+        os.close(fd)
+    assert run(root, shim, capsys=capsys)[0] == 0
