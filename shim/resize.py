@@ -262,20 +262,37 @@ class VMResizer:
         """Newest first; a vCPU whose eject the guest does not acknowledge keeps its handle (it
         may still go later: the next resize counts again) and stops the shrink there."""
         why = ""
+        t = time.monotonic()
         while len(self._cpus) and self.vm.config.vcpus + len(self._cpus) > n:
             h = self._cpus[-1]
             try:
-                await h.detach(min(self.timeout, UNPLUG_TIMEOUT_S))
+                await self._eject(h)
             except Exception as e:
                 why = str(e)
                 break
             self._cpus.pop()
         count = await devices.vcpu_count(self.vm)
         online = await self._wait_cpus(lambda online: online <= count, f"{count} vCPUs")
+        log.info("vm %s: vCPUs %d -> %d in %.2f s (QEMU's count, the guest's online CPUs)", self.vm.name,
+                 self.size.vcpus, max(count, online), time.monotonic() - t)
         self.size = Size(max(count, online), self.size.memory_mb)
         if self.size.vcpus > n:
             log.warning("vm %s: the guest kept %d vCPUs, not %d: %s", self.vm.name, self.size.vcpus, n,
                         why or "no hot-plugged vCPU left to unplug")
+
+    async def _eject(self, h: devices.CPUHandle) -> None:
+        """device_del, then until QEMU no longer lists the vCPU (query-cpus-fast): the guest
+        offlined it and ran the ACPI eject. QEMU's count, not the DEVICE_DELETED event, is what
+        is waited on: it is the state itself, and a missed event cannot stall the shrink."""
+        path = f"/machine/peripheral/{h.id}"
+        await self.vm.execute("device_del", {"id": h.id})
+        deadline = time.monotonic() + min(self.timeout, UNPLUG_TIMEOUT_S)
+        while any(c.get("qom-path") == path for c in await self.vm.execute("query-cpus-fast")):
+            if time.monotonic() > deadline:
+                raise SizingError(f"the guest did not release vCPU {h.id} within "
+                                  f"{min(self.timeout, UNPLUG_TIMEOUT_S):.0f} s (no ACPI eject)")
+            await asyncio.sleep(0.05)
+        h.detached = True
 
     async def _give_back_memory(self, mb: int) -> None:
         """virtio-mem asked for less; QEMU's plugged size says what the guest unplugged (it can
@@ -283,12 +300,14 @@ class VMResizer:
         base_mb = self.vm.config.memory_mb
         mem = devices.VirtioMem(self.vm)
         why = ""
+        t = time.monotonic()
         try:
             await mem.resize(max(0, mb - base_mb))
             plugged = await mem.wait_plugged(self.timeout)
         except Exception as e:
             why = str(e)
             plugged = await mem.plugged_bytes()
+        unplugged_s = time.monotonic() - t
         self.size = Size(self.size.vcpus, base_mb + plugged // MiB)
         if self.size.memory_mb > mb:
             log.warning("vm %s: the guest gave back memory down to %d MiB only, not %d MiB: %s",
@@ -302,6 +321,8 @@ class VMResizer:
                             "over its base", self.vm.name, plugged // MiB, (total - self._base_total) // MiB)
                 break
             await asyncio.sleep(0.05)
+        log.info("vm %s: virtio-mem down to %d MiB plugged in %.2f s, the guest's MemTotal followed in %.2f s",
+                 self.vm.name, plugged // MiB, unplugged_s, time.monotonic() - t)
 
     async def _undo(self, before: Size) -> None:
         try:
