@@ -728,11 +728,13 @@ def test_oom_kill_in_the_guest_reaches_containerd_as_tasks_oom(env):
 
 
 def _vm_dir(env: Env, id: str) -> Path:
-    """The VM dir of sandbox `id` (QEMU's -pidfile is in it)."""
+    """The VM dir of sandbox `id` (its QMP socket's, named in QEMU's argv)."""
     pids = env.qemu_pids(id)
     assert pids, f"no QEMU for {id}"
     argv = _cmdline(pids[0]).split(b"\0")
-    return Path(argv[argv.index(b"-pidfile") + 1].decode()).parent
+    tagged = [a for a in argv if a.endswith(b"/qmp.sock")]
+    assert tagged, argv
+    return Path(tagged[0].decode().rsplit("=", 1)[-1]).parent
 
 
 def test_a_guest_flooding_its_console_keeps_the_file_within_the_cap(env):

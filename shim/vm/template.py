@@ -362,7 +362,10 @@ def clone_memory(template: Template, mode: CloneRAM, *, vmgenid: str | None = No
 
 def clone_config(config: VMConfig, mode: CloneRAM) -> VMConfig:
     """The clone's config: RAM that is not shared with other processes says so (memory_backend
-    ram), so virtiofs is refused instead of hanging the guest."""
+    ram), so virtiofs is refused instead of hanging the guest. A PRIVATE clone is not jailed
+    (shim/vm/jail.py): QEMU 7.2 opens a memory-backend-file read-write even with share=off, and
+    a template file the clone's QEMU may write is one every other clone maps; sandboxes use
+    COPY (a memfd), PRIVATE is for measurements."""
     if mode is CloneRAM.PRIVATE:
-        return dataclasses.replace(config, memory_backend="ram")
+        return dataclasses.replace(config, memory_backend="ram", qemu_jail=False)
     return config
