@@ -37,6 +37,7 @@ from integration.conftest import skip_or_fail
 from integration.containerd import CONTAINERD, Containerd, missing_prerequisites
 from integration.images import import_busybox
 from integration.test_ctr_run import SHARE_DIR, Env, leftovers, wait_until
+from spinbox.shim import config as config_mod
 from spinbox.shim import install
 from spinbox.shim.cli import main as cli_main
 
@@ -174,7 +175,10 @@ def test_install_then_ctr_run_with_the_host_containerd_config_then_uninstall():
                 assert Path(install.DROPIN).is_file()
                 assert install.imports_covers(tomllib.loads(HOST_CONFIG.read_text()).get("imports", []),
                                               install.CONTAINERD_CONFIG, install.DROPIN)
-            assert "needs no containerd config entry" in out
+            assert "needs no containerd config entry" in out and "no guest image" not in out
+            # the config.json install wrote is one the shim loads, and names this host's guest image
+            installed = config_mod.load(env={config_mod.CONFIG_ENV: install.SPINBOX_CONFIG})
+            assert config_mod.guest_image(installed).hash
 
             id1 = f"inst-{uuid.uuid4().hex[:6]}"
             t0 = time.monotonic()

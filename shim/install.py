@@ -488,8 +488,8 @@ def plan_install(host: Host, opts: InstallOptions) -> Plan:
     b = _Builder(host, load_manifest(host))
     shim = Path(opts.shim)
     if not shim.is_absolute() or not os.access(shim, os.X_OK) or not shim.is_file():
-        raise InstallError(f"{opts.shim}: not an executable file (the shim to install: "
-                           f"pip install the project first)")
+        raise InstallError(f"--shim {opts.shim}: not an absolute path to an executable file (the shim "
+                           f"the launcher runs: pip install the project first)")
 
     b.place(LAUNCHER, launcher_script(str(shim)), 0o755, f"launcher of {shim}")
     b.notes.append(f"ctr run --runtime {RUNTIME_TYPE} needs no containerd config entry: containerd "
@@ -497,6 +497,9 @@ def plan_install(host: Host, opts: InstallOptions) -> Plan:
 
     if host.read(SPINBOX_CONFIG) is None:
         b.create(SPINBOX_CONFIG, spinbox_config(opts.share_dir), 0o644, "spinbox config")
+        if not host.at(os.path.join(opts.share_dir, "image.json")).is_file():
+            b.notes.append(f"warning: no guest image in {host.at(opts.share_dir)} (image.json): sandboxes "
+                           f"will not start until `task build` installs one or --share-dir names it.")
     else:
         b.notes.append(f"{host.at(SPINBOX_CONFIG)} exists: kept as it is (never overwritten).")
 
