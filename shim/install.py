@@ -295,11 +295,13 @@ def _q(s: str) -> str:
     return json.dumps(s)     # a TOML basic string for the values we write (paths, names)
 
 
-def runtime_tables(config_version: int, with_runc: bool) -> str:
-    """The CRI runtime handler `spinbox` in the schema of `config_version` (2 or 3)."""
+def runtime_tables(config_version: int, with_runc: bool, written: bool = True) -> str:
+    """The CRI runtime handler `spinbox` in the schema of `config_version` (2 or 3); `written`:
+    install writes it (else it is printed for the user to add, and uninstall never sees it)."""
     cri = CRI_V2 if config_version == 2 else CRI_V3
     base = f"plugins.{_q(cri)}.containerd.runtimes"
-    out = [f"# CRI runtime handler {_q(HANDLER)}: added by spinbox install (spinbox uninstall removes it)"]
+    out = [f"# CRI runtime handler {_q(HANDLER)}" +
+           (": added by spinbox install (spinbox uninstall removes it)" if written else " (spinbox)")]
     if with_runc:
         # naming one runtime replaces containerd's built-in list: keep runc, the default handler
         out += [f"[{base}.runc]", '  runtime_type = "io.containerd.runc.v2"', ""]
@@ -318,10 +320,15 @@ def dropin_file(config_version: int, with_runc: bool) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # containerd's config.toml
 
-def _parse_toml(data: bytes, where: Path) -> dict[str, Any]:
+def _parse_toml(data: bytes, where: Path, ours: str = "") -> dict[str, Any]:
+    """`ours`: the text is the file with our lines added (a failure is then ours to explain)."""
     try:
         return tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        if ours:
+            raise InstallError(f"{where}: with spinbox's lines added it would not be valid TOML ({e}), "
+                               f"e.g. a table defined inline; nothing was changed. Add them yourself:\n"
+                               f"{ours}") from None
         raise InstallError(f"{where}: not valid TOML ({e}); fix it before spinbox install") from None
 
 
@@ -559,7 +566,7 @@ def _plan_containerd(b: _Builder, opts: InstallOptions) -> bool:
         except InstallError as e:
             raise InstallError(f"{where}: {e}") from None
         after = text.encode()
-        parsed = _parse_toml(after, where)
+        parsed = _parse_toml(after, where, ours=inserted)
         if _without(parsed, ("imports",)) != _without(cfg, ("imports",)) \
                 or not imports_covers(parsed.get("imports", []), CONTAINERD_CONFIG, DROPIN):
             raise InstallError(f"{where}: adding the imports line would change more than imports; "
@@ -569,18 +576,19 @@ def _plan_containerd(b: _Builder, opts: InstallOptions) -> bool:
 
     tables = runtime_tables(2, with_runc="runc" not in runtimes)
     if not opts.edit_config:
+        shown = runtime_tables(2, with_runc="runc" not in runtimes, written=False)
         b.notes += [
             f"containerd {major}.{minor}: {where} NOT changed. containerd 1.6/1.7 replace a whole plugin "
             "section with an imported one, so a drop-in would wipe this file's CRI settings. "
             "Add these lines to it yourself, or run spinbox install --edit-config "
             "(it appends them and spinbox uninstall restores the file byte for byte):",
-            "", tables.rstrip("\n"), ""]
+            "", shown.rstrip("\n"), ""]
         return False
     text = current.decode()
     nl = "\r\n" if "\r\n" in text else "\n"
     inserted = ("" if text.endswith(("\n", "\r")) or not text else nl) + nl + tables.replace("\n", nl)
     after = (text + inserted).encode()
-    parsed = _parse_toml(after, where)
+    parsed = _parse_toml(after, where, ours=tables)
     if _without(parsed, ("plugins", CRI_V2, "containerd", "runtimes")) != \
             _without(cfg, ("plugins", CRI_V2, "containerd", "runtimes")) or \
             HANDLER not in _cri_runtimes(parsed, 2):

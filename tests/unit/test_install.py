@@ -411,3 +411,18 @@ def test_a_second_install_at_the_same_time_is_refused(root, shim, capsys):
     finally:
         os.close(fd)
     assert run(root, shim, capsys=capsys)[0] == 0
+
+
+def test_a_config_whose_runtimes_are_an_inline_table_is_refused_with_the_lines(root, shim, capsys):
+    cfg = b'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  runtimes = { runc = { runtime_type = "io.containerd.runc.v2" } }\n'
+    put(root, install.CONTAINERD_CONFIG, cfg)
+    before = snapshot(root)
+    rc, _, err = run(root, shim, "--edit-config", capsys=capsys)
+    assert rc == 1 and "would not be valid TOML" in err and "runtimes.spinbox]" in err
+    assert snapshot(root) == before
+
+
+def test_the_printed_snippet_does_not_claim_uninstall_removes_it(root, shim, capsys):
+    put(root, install.CONTAINERD_CONFIG, CONFIG_16)
+    out = run(root, shim, capsys=capsys)[1]
+    assert "spinbox uninstall removes it" not in out
