@@ -11,8 +11,12 @@ succeed on the shim path. The pod (each step asserts what a user would see):
   2. CreateContainer + StartContainer (busybox) → RUNNING in that one VM;
   3. ExecSync: its output comes back; PID 1 of the pod's shared PID namespace is the shim's
      holder (/pause), the hostname is the pod's, eth0 has the pod IP;
-  4. StopContainer/RemoveContainer, StopPodSandbox (NOTREADY), RemovePodSandbox → nothing of
-     ours left: no QEMU/virtiofsd/shim, mount, shim state, host cgroup, lease, pod netns, bundle.
+     a second container sees the first one's processes (the pod's PID namespace);
+  4. StopContainer/RemoveContainer (the pod's VM stays), StopPodSandbox (NOTREADY, no QEMU),
+     RemovePodSandbox → nothing of ours left: no QEMU/virtiofsd/shim, mount, shim state, host
+     cgroup, lease, pod netns, sandbox bundle.
+Then the same pod with its shim SIGKILLed: containerd's cleanup of the dead shim and CRI's
+Stop/Remove leave nothing either.
 
 containerd 2.x: the one under test (SPINBOX_TEST_CONTAINERD_BIN) when it is 2.x, else the 2.x
 release scripts/fetch-containerd unpacked into its cache, put first on containerd's PATH.
@@ -25,6 +29,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -226,13 +231,22 @@ def test_a_pod_through_the_sandbox_api(env2):
     log = log_dir / "c1.log"
     wait_until(lambda: log.exists() and "c1-says-hi" in log.read_text(errors="replace"), 30,
                lambda: f"c1's stdout in {log}")
+    c2 = rt.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=_container_config("c2", "sleep", "3601"), sandbox_config=pod_cfg),
+        timeout=RPC_TIMEOUT).container_id
+    rt.StartContainer(cri.StartContainerRequest(container_id=c2), timeout=RPC_TIMEOUT)
+    ps = e.api.exec_sync(c2, "ps", "-o", "pid,args")
+    assert "sleep 3600" in ps and "sleep 3601" in ps and "/pause" in ps, \
+        f"c2 sees c1 in the pod's PID namespace:\n{ps}"
 
     # ---- 4. teardown -----------------------------------------------------------------------------
     t = time.monotonic()
-    rt.StopContainer(cri.StopContainerRequest(container_id=c1, timeout=2), timeout=RPC_TIMEOUT)
-    assert rt.ContainerStatus(cri.ContainerStatusRequest(container_id=c1), timeout=30).status.state == \
-        cri.CONTAINER_EXITED
-    rt.RemoveContainer(cri.RemoveContainerRequest(container_id=c1), timeout=RPC_TIMEOUT)
+    for cid in (c2, c1):
+        rt.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=2), timeout=RPC_TIMEOUT)
+        assert rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid), timeout=30).status.state == \
+            cri.CONTAINER_EXITED
+        rt.RemoveContainer(cri.RemoveContainerRequest(container_id=cid), timeout=RPC_TIMEOUT)
+    assert _qemus_of(pod) == qemus, "the pod outlives its containers (the Task API's Shutdown did not stop it)"
     rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=RPC_TIMEOUT)
     st = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod), timeout=30).status
     assert st.state == cri.SANDBOX_NOTREADY, st
@@ -243,19 +257,63 @@ def test_a_pod_through_the_sandbox_api(env2):
     assert not rt.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items
     assert not rt.ListContainers(cri.ListContainersRequest(), timeout=30).containers
 
-    def left() -> list[str]:
-        problems = leftovers(e)
-        if net.leases():
-            problems.append(f"host-local leases: {net.leases()}")
-        if _sandbox_bundles(e.c):
-            problems.append(f"sandbox bundles: {_sandbox_bundles(e.c)}")
-        if _qemus_of(pod):
-            problems.append(f"QEMU of the pod: {_qemus_of(pod)}")
-        if pod_netns & _netns():
-            problems.append(f"pod netns: {sorted(pod_netns & _netns())}")
-        return problems
-    wait_until(lambda: not left(), 30, lambda: f"nothing of ours left: {left()}")
+    wait_until(lambda: not _left(e, pod, pod_netns), 30, lambda: f"nothing of ours left: {_left(e, pod, pod_netns)}")
     print("Sandbox API pod timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+
+
+def test_a_killed_shim_leaves_nothing_behind(env2):
+    """The shim daemon SIGKILLed while its pod runs: containerd runs the shim's `delete`, which
+    releases what the shim's state recorded (QEMU, virtiofsd, the holder's rootfs mount, TAPs,
+    the host cgroup); CRI can still stop and remove the pod."""
+    e, rt = env2, env2.api.rt
+    uid = uuid.uuid4().hex
+    name = f"sbk-{uid[:6]}"
+    (e.work / name).mkdir()
+    pod_cfg = _pod_config(name, uid, e.work / name)
+    netns_before = _netns()
+    pod = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_cfg, runtime_handler=HANDLER),
+                           timeout=RPC_TIMEOUT).pod_sandbox_id
+    e.pods.append(pod)
+    pod_netns = _netns() - netns_before
+    c1 = rt.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=_container_config("c1", "sleep", "3600"), sandbox_config=pod_cfg),
+        timeout=RPC_TIMEOUT).container_id
+    rt.StartContainer(cri.StartContainerRequest(container_id=c1), timeout=RPC_TIMEOUT)
+    assert _qemus_of(pod), "the pod's VM runs"
+    shims = e.shim_pids(pod)
+    assert len(shims) == 1, f"one shim daemon for the pod: {shims}"
+    os.kill(shims[0], signal.SIGKILL)
+    wait_until(lambda: not _qemus_of(pod), 60, "containerd's cleanup of the dead shim to stop the VM")
+    def not_ready() -> bool:
+        try:        # "ttrpc: closed" until containerd has forgotten the dead shim
+            return rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod), timeout=30) \
+                .status.state == cri.SANDBOX_NOTREADY
+        except grpc.RpcError:
+            return False
+    wait_until(not_ready, 60, "the pod to be NOTREADY")
+    # CRI retries its exit handling of c1 (its first task delete met the closed connection)
+    wait_until(lambda: rt.ContainerStatus(cri.ContainerStatusRequest(container_id=c1), timeout=30)
+               .status.state == cri.CONTAINER_EXITED, 90, "c1 to be EXITED")
+    for call, req in ((rt.StopContainer, cri.StopContainerRequest(container_id=c1, timeout=1)),
+                      (rt.RemoveContainer, cri.RemoveContainerRequest(container_id=c1)),
+                      (rt.StopPodSandbox, cri.StopPodSandboxRequest(pod_sandbox_id=pod)),
+                      (rt.RemovePodSandbox, cri.RemovePodSandboxRequest(pod_sandbox_id=pod))):
+        call(req, timeout=RPC_TIMEOUT)
+    e.pods.remove(pod)
+    wait_until(lambda: not _left(e, pod, pod_netns), 30, lambda: f"nothing of ours left: {_left(e, pod, pod_netns)}")
+
+
+def _left(e: Env, pod: str, pod_netns: set[str]) -> list[str]:
+    problems = leftovers(e)
+    if e.net.leases():
+        problems.append(f"host-local leases: {e.net.leases()}")
+    if _sandbox_bundles(e.c):
+        problems.append(f"sandbox bundles: {_sandbox_bundles(e.c)}")
+    if _qemus_of(pod):
+        problems.append(f"QEMU of the pod: {_qemus_of(pod)}")
+    if pod_netns & _netns():
+        problems.append(f"pod netns: {sorted(pod_netns & _netns())}")
+    return problems
 
 
 def _qemus_of(pod: str) -> list[int]:
