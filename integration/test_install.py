@@ -138,7 +138,7 @@ def test_install_then_ctr_run_with_the_host_containerd_config_then_uninstall():
         skip_or_fail(why)
     if os.path.lexists(install.MANIFEST) or os.path.lexists(install.LAUNCHER):
         pytest.skip(f"spinbox is installed on this host ({install.MANIFEST} or {install.LAUNCHER} "
-                    f"exists): this test would uninstall it")
+                    f"exists): this test would uninstall it (`spinbox uninstall` if a crashed run of it left them)")
     assert shutil.which(install.SHIM_NAME, path=SERVICE_PATH) is None, "a shim is on the service PATH already"
     version = install.detect_version(CONTAINERD)
     before = tree(WATCHED)
