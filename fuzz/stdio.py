@@ -13,6 +13,8 @@ Each input is one of:
   buffer (`InputBuffer`/`InputReceiver`) against a hostile host's stdin data;
 * the shim's `OutputStream` reading from a scripted guest (fuzz/guest.py) that sends the same
   hostile chunks as ttrpc DATA frames, then an error status, a hang-up or nothing;
+* the shim's `InputStream` writing to a scripted guest whose acks lie (offsets, windows over
+  the limit, early EOF acks), which then ends the stream or goes quiet;
 * `shim.stdio.fifo_path` on hostile stdio URIs.
 
 Invariants: bytes held (received, not consumed) never exceed the window granted; data goes
@@ -54,8 +56,8 @@ def _size(inp: Input, window: int) -> int:
 
 
 def _offset(inp: Input, expected: int) -> int:
-    return max(0, inp.pick((expected, expected, expected, expected - 1, expected + 1, 0,
-                            expected - 4096, expected + 4096, (1 << 64) - 1)))
+    return min(max(0, inp.pick((expected, expected, expected, expected - 1, expected + 1, 0,
+                                expected - 4096, expected + 4096, (1 << 64) - 1))), (1 << 64) - 1)
 
 
 # --- host output receiver ------------------------------------------------------------------
@@ -235,7 +237,7 @@ def uris(inp: Input) -> None:
 PURE = (output_receiver, output_receiver, input_sender, output_sender, input_buffer, uris)
 
 
-# --- the shim's OutputStream over a real connection ------------------------------------------
+# --- the shim's OutputStream and InputStream over a real connection ----------------------------
 
 class StdioHarness(AsyncHarness):
     def __init__(self) -> None:
@@ -243,11 +245,85 @@ class StdioHarness(AsyncHarness):
         self.link: GuestLink | None = None
 
     async def run(self, inp: Input) -> None:
-        mode = inp.below(8)
+        mode = inp.below(9)
         if mode < 7:
             PURE[mode % len(PURE)](inp)
-            return
-        await self._output_stream(inp)
+        elif mode == 7:
+            await self._output_stream(inp)
+        else:
+            await self._input_stream(inp)
+
+    async def _input_stream(self, inp: Input) -> None:
+        """The shim's InputStream writing to a guest whose acks lie: what reaches the guest
+        stays inside the credit the guest gave, in order; the writer ends once the guest did."""
+        if self.link is None:
+            self.link = GuestLink()
+        agent, guest = await self.link.connect()
+        stdin = agent.open_input("c1", inp.pick(("", "e1")))
+        sizes = [inp.pick((1, 100, 5000, ss.INPUT_CHUNK + 1, 300_000)) for _ in range(inp.below(4))]
+        eof = inp.flag() or not sizes          # something to do: the stream opens on first use
+
+        async def write() -> None:
+            try:
+                for n in sizes:
+                    await stdin.write(b"i" * n)
+                if eof:
+                    await stdin.close(timeout=READ_BOUND_S)
+            except (AgentError, ttrpc.TTRPCError) as e:
+                check_error(e, "input")
+            except TimeoutError:
+                pass             # the guest never acknowledged the EOF: close's own bound
+
+        writer = asyncio.ensure_future(write())
+        try:
+            got = await next_request(guest)
+            if got is None:
+                raise Finding("the input stream was never opened")
+            frame, _ = got
+            sid = frame.stream_id
+            limit = received = 0
+            for i in range(inp.below(6) + 1):
+                offset = _offset(inp, inp.pick((received, received, 0, limit)))
+                if i == 0:
+                    # A session starts where the guest says it is: bytes before it count as
+                    # received in a lost session (the resume rule), so data starts there.
+                    received = offset
+                window = inp.pick((0, 1, 4096, ss.INPUT_WINDOW, ss.MAX_WINDOW, ss.MAX_WINDOW + 1, (1 << 32) - 1))
+                ack = spb.InputServer(offset=offset, window=window, eof=inp.chance(8))
+                guest.send(sid, MessageType.DATA, 0, ack.SerializeToString())
+                await guest.drain()
+                if offset <= received and window <= ss.MAX_WINDOW and not ack.eof:
+                    limit = max(limit, offset + window)     # what an honest client may use
+                while (f := await guest.next_frame(0.01)) is not None:
+                    if f.type != MessageType.DATA or f.flags & Flags.NO_DATA:
+                        continue
+                    d = spb.InputClient.FromString(f.data).data
+                    if d.offset != received:
+                        raise Finding(f"stdin data at {d.offset}, {received} received")
+                    received += len(d.data)
+                    if received > limit:
+                        raise Finding(f"stdin data up to {received} beyond the granted {limit}")
+            end = inp.below(3)
+            if end == 0:
+                code = inp.pick(CODES)
+                guest.send(sid, MessageType.RESPONSE, 0, response(code, inp.pick(MESSAGES) if code else "", b""))
+            elif end == 1:
+                guest.close()
+            await guest.drain()
+            if end != 2:
+                try:
+                    await asyncio.wait_for(asyncio.shield(writer), READ_BOUND_S * 2)
+                except TimeoutError:
+                    raise Finding("stdin writer still waiting after the guest ended the stream") from None
+        finally:
+            writer.cancel()
+            try:
+                await writer
+            except asyncio.CancelledError:
+                pass
+            await stdin.aclose()
+            await agent.close()
+            guest.close()
 
     async def _output_stream(self, inp: Input) -> None:
         if self.link is None:
@@ -320,5 +396,5 @@ def seeds() -> list[bytes]:
 
 
 TARGET = Target("stdio", "the stdio stream protocol's four roles against a hostile peer, the shim's "
-                "OutputStream over a real connection, and stdio URIs",
+                "OutputStream and InputStream over a real connection, and stdio URIs",
                 StdioHarness, seeds, weight=5.0, time_bound_s=3.0, memory_bound_mb=64)
