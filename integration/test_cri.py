@@ -19,8 +19,8 @@ One pod, walked through its life (each step asserts what a user would see):
      of ours, no mounts under our dirs, no shim state files, the host-local lease released,
      CRI's pod netns gone.
 
-Debugging knobs: SPINBOX_IT_SHIM_DIR=<dir> puts another containerd-shim-spinbox-v1 first on
-containerd's PATH; SPINBOX_IT_KEEP_LOG=<file> copies containerd's log (with the shim's) there.
+The environment (and its debugging knobs) is integration/cri.py's, shared with
+test_cri_conformance.py.
 """
 from __future__ import annotations
 
@@ -29,210 +29,24 @@ import json
 import os
 import re
 import secrets
-import shutil
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
-from integration.cninet import TestNet, missing_for_vm_networking
-from integration.containerd import Containerd, missing_prerequisites
-from integration.images import BUSYBOX_REF, PAUSE_REF, import_busybox
-from integration.test_ctr_run import (SHARE_DIR, SHIM_BIN_DIR, Env, _comm_is, leftovers, our_processes,
-                                      wait_until)
+from integration.cri import (HANDLER, RPC_TIMEOUT, cri, cri_environment, cri_leftovers, pod_qemus)
+from integration.cri import container_running as _container_running
+from integration.cri import ok as _ok
+from integration.test_ctr_run import wait_until
 
 pytestmark = pytest.mark.integration
 
-try:  # the kubelet's API; its wheel pins protobuf~=6.31 but its gencode loads on our protobuf 7
-    import grpc
-    from cri_api.v1 import api_pb2 as cri
-    from cri_api.v1 import api_pb2_grpc as cri_grpc
-except ImportError as e:  # pragma: no cover - depends on the venv
-    CRI_IMPORT_ERROR: str | None = (
-        f"CRI client missing ({e}): .venv/bin/pip install --no-deps container-runtime-interface-api==2.0.1")
-else:
-    CRI_IMPORT_ERROR = None
-
-HANDLER = "spinbox"
-CRI_NAMESPACE = "k8s.io"
-RPC_TIMEOUT = 240.0        # a TCG boot (3-8 s) plus a virtiofs hotplug, on a loaded 2-core host
-
-
-def _cri_net(conf_dir: Path, work: Path) -> TestNet:
-    """The pod network CRI sets up from its conf dir."""
-    net = TestNet(work, prefix="spbc", conf_dir=conf_dir)
-    net.write("10-spinbox-cri.conflist", net.conflist())
-    return net
-
-
-def _prerequisites() -> list[str]:
-    why = missing_prerequisites() + missing_for_vm_networking(SHARE_DIR)
-    if not (SHIM_BIN_DIR / "containerd-shim-spinbox-v1").exists():
-        why.append(f"{SHIM_BIN_DIR}/containerd-shim-spinbox-v1 missing (pip install -e .)")
-    if CRI_IMPORT_ERROR:
-        why.append(CRI_IMPORT_ERROR)
-    return why
-
-
-class Cri:
-    """runtime.v1 RuntimeService + ImageService on the private containerd's socket."""
-
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(f"unix://{address}")
-        self.rt = cri_grpc.RuntimeServiceStub(self.channel)
-        self.img = cri_grpc.ImageServiceStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def wait_network_ready(self, timeout: float = 30.0) -> None:
-        """CRI loads the conflist asynchronously; RunPodSandbox fails until it has."""
-        def ready() -> bool:
-            conds = self.rt.Status(cri.StatusRequest(), timeout=10).status.conditions
-            return any(c.type == "NetworkReady" and c.status for c in conds)
-        wait_until(ready, timeout, "CRI to report NetworkReady")
-
-    def exec_sync(self, cid: str, *cmd: str, timeout_s: int = 60) -> cri.ExecSyncResponse:
-        return self.rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=timeout_s),
-                                timeout=timeout_s + 60)
-
-
-class Pod:
-    """One pod's CRI bookkeeping, so that teardown can remove whatever a failure left."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.uid = uuid.uuid4().hex
-        self.name = f"cri-{self.uid[:6]}"
-        self.log_dir = log_dir
-        self.id = ""
-        self.containers: list[str] = []
-
-    def config(self) -> cri.PodSandboxConfig:
-        return cri.PodSandboxConfig(
-            metadata=cri.PodSandboxMetadata(name=self.name, uid=self.uid, namespace="default", attempt=0),
-            hostname=self.name,
-            log_directory=str(self.log_dir),
-            labels={"app": "spinbox-it"},
-            linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
-                namespace_options=cri.NamespaceOption(network=cri.POD, pid=cri.CONTAINER,
-                                                      ipc=cri.POD))))
-
-    def container_config(self, name: str, *args: str) -> cri.ContainerConfig:
-        return cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name=name, attempt=0),
-            image=cri.ImageSpec(image=BUSYBOX_REF),
-            command=list(args[:1]), args=list(args[1:]),
-            log_path=f"{name}.log",
-            linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
-                namespace_options=cri.NamespaceOption(network=cri.POD, pid=cri.CONTAINER,
-                                                      ipc=cri.POD))))
-
-
-def pod_qemus(env: Env) -> list[int]:
-    """QEMU processes of ours (their cmdline names our shim state dir)."""
-    return [p for p in our_processes(env) if _comm_is(p, "qemu-system")]
-
-
-def cri_leftovers(env: Env, net: TestNet) -> list[str]:
-    problems = leftovers(env)          # processes, mounts, shim state files (test_ctr_run's check)
-    if net.leases():
-        problems.append(f"host-local leases: {net.leases()}")
-    return problems
-
-
-@pytest.fixture(scope="module")
-def crienv():
-    why = _prerequisites()
-    if why:
-        msg = "CRI integration prerequisites missing: " + "; ".join(why)
-        if os.environ.get("SPINBOX_REQUIRE_INTEGRATION"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    work = Path(tempfile.mkdtemp(prefix="sbx-cri-", dir="/tmp"))
-    state_dir = work / "st"                  # short: unix sockets live under it
-    cfg = work / "config.json"
-    # CRI runs CNI itself; the shim's own conf dir stays empty (it must not run CNI a second time)
-    cfg.write_text(json.dumps({"paths": {"state_dir": str(state_dir), "cni_conf_dir": str(work / "no-cni")}}))
-    # defining any runtime replaces CRI's built-in map, so the default `runc` entry comes back too
-    handler = (f'[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]\n'
-               f'  runtime_type = "io.containerd.spinbox.v1"\n'
-               f'[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
-               f'  runtime_type = "io.containerd.runc.v2"\n')
-    # SPINBOX_IT_SHIM_DIR: a directory whose containerd-shim-spinbox-v1 goes first (another build)
-    shim_dirs = [d for d in (os.environ.get("SPINBOX_IT_SHIM_DIR"), SHIM_BIN_DIR) if d]
-    c = Containerd(Path(tempfile.mkdtemp(prefix="spinbox-ctrd-", dir="/tmp")), path_prefix=shim_dirs,
-                   env={"SPINBOX_CONFIG": str(cfg)}, cri=True, namespace=CRI_NAMESPACE,
-                   sandbox_image=PAUSE_REF, extra_config=handler)
-    # the conflist must be there before CRI starts (it also watches the dir, but this is simpler)
-    net = _cri_net(c.base / "cni-conf", work)
-    e = Env(c, BUSYBOX_REF, work, state_dir)
-    e.net = net
-    e.api = None
-    e.pod = Pod(work / "logs")
-    e.pod.log_dir.mkdir()
-    problems: list[str] = []
-    try:
-        c.start()
-        import_busybox(c, PAUSE_REF, cmd=["/bin/sleep", "2147483647"], namespace=CRI_NAMESPACE)
-        import_busybox(c, BUSYBOX_REF, namespace=CRI_NAMESPACE)
-        e.api = Cri(c.address)
-        e.api.wait_network_ready()
-        yield e
-        _remove_pod_quietly(e)          # what a failed test left; the leak check comes after
-        try:
-            wait_until(lambda: not cri_leftovers(e, net), 30, "the runtime to release everything")
-        except AssertionError:
-            problems.extend(cri_leftovers(e, net))
-    finally:
-        if e.api is not None:
-            _remove_pod_quietly(e)
-            e.api.close()
-        log_tail = c.log_tail(120) if problems else ""
-        keep = os.environ.get("SPINBOX_IT_KEEP_LOG")     # debugging: where to copy containerd's log
-        if keep:
-            shutil.copyfile(c.log_path, keep)
-        c.cleanup()
-        net.remove_bridge()
-        shutil.rmtree(work, ignore_errors=True)
-    assert not problems, "left behind after the CRI suite:\n  " + "\n  ".join(problems) + \
-        "\ncontainerd log tail:\n" + log_tail
-
-
-def _remove_pod_quietly(e: Env) -> None:
-    """Best-effort teardown of whatever a failed step left (ignores every error)."""
-    pod, rt = e.pod, e.api.rt
-    for cid in pod.containers:
-        for call, req in ((rt.StopContainer, cri.StopContainerRequest(container_id=cid, timeout=1)),
-                          (rt.RemoveContainer, cri.RemoveContainerRequest(container_id=cid))):
-            try:
-                call(req, timeout=RPC_TIMEOUT)
-            except grpc.RpcError:
-                pass
-    if pod.id:
-        for call, req in ((rt.StopPodSandbox, cri.StopPodSandboxRequest(pod_sandbox_id=pod.id)),
-                          (rt.RemovePodSandbox, cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))):
-            try:
-                call(req, timeout=RPC_TIMEOUT)
-            except grpc.RpcError:
-                pass
+crienv = pytest.fixture(scope="module", name="crienv")(cri_environment)
 
 
 def _ipv4(out: str) -> str:
     m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/(\d+)", out)
     assert m, f"no IPv4 address in {out!r}"
     return m.group(1)
-
-
-def _ok(r: cri.ExecSyncResponse, what: str) -> str:
-    assert r.exit_code == 0, f"{what}: exit {r.exit_code}, stdout {r.stdout!r}, stderr {r.stderr!r}"
-    return r.stdout.decode()
-
-
-def _container_running(rt, cid: str) -> None:
-    wait_until(lambda: rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid), timeout=30)
-               .status.state == cri.CONTAINER_RUNNING, 60, f"container {cid} to be RUNNING")
 
 
 def test_pod_lifecycle_in_one_vm(crienv):
