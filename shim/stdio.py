@@ -158,6 +158,28 @@ async def pump_output(source: OutputStream, fd: int) -> int:
         await source.consumed(len(chunk))
 
 
+async def _pump_unless_refused(stream: OutputStream, fd: int) -> None:
+    """pump_output, ended at once (the stream's error raised) when the guest breaks the
+    stream's contract, even while the pump waits on a FIFO nobody reads: otherwise the exit
+    would wait out the drain bound for output the guest lied about."""
+    refused = getattr(stream, "refused", None)
+    if refused is None:
+        await pump_output(stream, fd)
+        return
+    pump = asyncio.ensure_future(pump_output(stream, fd))
+    watch = asyncio.ensure_future(refused())
+    try:
+        await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (pump, watch):   # the loser, or both when we are cancelled
+            t.cancel()
+        await asyncio.gather(pump, watch, return_exceptions=True)
+    if not pump.cancelled():
+        pump.result()           # its own end (or error)
+        return
+    raise watch.result()
+
+
 async def pump_input(fd: int, sink: InputStream) -> int:
     """Copy a stdin FIFO into the guest until EOF, then close the process's stdin."""
     total = 0
@@ -225,7 +247,7 @@ class ProcessIO:
 
     async def _output(self, which: str, stream: OutputStream, fd: int) -> None:
         try:
-            await pump_output(stream, fd)
+            await _pump_unless_refused(stream, fd)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -310,6 +332,10 @@ class AgentOutput:
 
     async def consumed(self, n: int) -> None:
         pass
+
+    async def refused(self) -> BaseException:
+        """Returns once the guest broke the stream's contract (ProcessIO stops the pump)."""
+        return await self._s.refused()
 
     async def close(self) -> None:
         await self._s.aclose()

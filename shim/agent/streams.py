@@ -20,7 +20,7 @@ import ttrpc
 from spinbox.api import stdio_session as session
 from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
 
-from .errors import AgentUnavailable
+from .errors import AgentProtocolError, AgentUnavailable
 from .transport import SVC_STDIO
 from .validate import protocol_error, sanitize
 
@@ -152,10 +152,15 @@ class OutputStream(_Stream):
                 await call.close_send()
 
     async def read(self) -> bytes | None:
-        """The next bytes, or None once the guest's EOF was received and acknowledged."""
+        """The next bytes, or None once the guest's EOF was received and acknowledged. A guest
+        that broke the stream's contract (data beyond the window, offsets that lie) loses what
+        is still pending: its error comes at once, not after output nobody may be reading."""
         self._start()
         while True:
             waiter = self._changed
+            if isinstance(self._error, AgentProtocolError):
+                self._pending.clear()
+                raise self._error
             if self._pending:
                 data = bytes(self._pending[:MAX_READ])
                 del self._pending[:len(data)]
@@ -169,6 +174,16 @@ class OutputStream(_Stream):
             if self._error is not None:
                 raise self._error
             await waiter.wait()
+
+    async def refused(self) -> AgentProtocolError:
+        """Returns once the guest has broken this stream's contract: the consumer stops then,
+        even in the middle of writing what it took (into a FIFO nobody may ever read)."""
+        self._start()
+        while True:
+            waiter = self._changed
+            if isinstance(self._error, AgentProtocolError):
+                return self._error
+            await waiter.wait()    # (a session that ended otherwise never kicks again)
 
     def __aiter__(self) -> OutputStream:
         return self

@@ -61,3 +61,58 @@ def test_fifo_reader_sees_eof_when_the_guest_stream_ends_before_delete(tmp_path)
     stdout, stderr, left = asyncio.run(asyncio.wait_for(main(), 10))
     assert (stdout, stderr) == (b"hello world\n", b"oops\n")
     assert left == 0, "both write ends were closed when their streams ended"
+
+
+class Lying(Scripted):
+    """A guest stream that hands over a chunk bigger than a pipe, then turns out to have broken
+    the stream's contract (as shim.agent.streams.OutputStream reports with `refused()`)."""
+
+    def __init__(self, chunk: bytes, after: float) -> None:
+        super().__init__([chunk, chunk])
+        self.after = after
+
+    async def refused(self) -> BaseException:
+        from spinbox.shim.agent.errors import AgentProtocolError
+        await asyncio.sleep(self.after)
+        return AgentProtocolError("guest agent protocol violation: chunk beyond the window")
+
+
+def test_a_guest_that_breaks_the_stream_contract_does_not_hold_the_exit_on_an_unread_fifo(tmp_path, caplog):
+    """Nobody reads the FIFO (a detached ctr is gone): the pump waits on it with a 1 MiB
+    chunk. When the guest is found lying (data beyond its window), the stream ends at once:
+    the exit path's drain returns instead of waiting out its bound (30 s in the shim)."""
+    out = tmp_path / "out"
+    os.mkfifo(out)
+
+    async def main() -> tuple[bool, float, int]:
+        io = ProcessIO("init")
+        io.open_fifos("", str(out), "", terminal=False)
+        io.start_output("stdout", Lying(b"x" * (1 << 20), after=0.2))
+        t0 = asyncio.get_running_loop().time()
+        drained = await io.drained(5)
+        took = asyncio.get_running_loop().time() - t0
+        left = len(io.fds)
+        await io.close()
+        return drained, took, left
+
+    drained, took, left = asyncio.run(main())
+    assert drained and took < 2, took
+    assert left == 0                      # the write end is closed: a late reader sees EOF
+    assert "output stream failed: guest agent protocol violation" in caplog.text
+
+
+def test_an_honest_stream_on_an_unread_fifo_is_still_waited_for(tmp_path):
+    """Without a lie, output nobody reads yet is kept waiting (bounded by the exit path's
+    drain timeout), never dropped."""
+    out = tmp_path / "out"
+    os.mkfifo(out)
+
+    async def main() -> bool:
+        io = ProcessIO("init")
+        io.open_fifos("", str(out), "", terminal=False)
+        io.start_output("stdout", Scripted([b"x" * (1 << 20)]))
+        drained = await io.drained(0.5)
+        await io.close()
+        return drained
+
+    assert asyncio.run(main()) is False
