@@ -16,7 +16,7 @@ succeed on the shim path. The pod (each step asserts what a user would see):
      RemovePodSandbox → nothing of ours left: no QEMU/virtiofsd/shim, mount, shim state, host
      cgroup, lease, pod netns, sandbox bundle.
 Then the same pod with its shim SIGKILLed: containerd's cleanup of the dead shim and CRI's
-Stop/Remove leave nothing either.
+Stop/Remove leave nothing either; and one that outlives a containerd restart.
 
 containerd 2.x: the one under test (SPINBOX_TEST_CONTAINERD_BIN) when it is 2.x, else the 2.x
 release scripts/fetch-containerd unpacked into its cache, put first on containerd's PATH.
@@ -164,6 +164,7 @@ def env2():
         e.api, e.net, e.pods = api, net, []
         yield e
     finally:
+        api = getattr(e, "api", api)         # the restart test makes a new client
         if api is not None:
             for pod_id in e.pods:            # what a failed test left
                 for call, req in ((api.rt.StopPodSandbox, cri.StopPodSandboxRequest(pod_sandbox_id=pod_id)),
@@ -294,6 +295,48 @@ def test_a_killed_shim_leaves_nothing_behind(env2):
     # CRI retries its exit handling of c1 (its first task delete met the closed connection)
     wait_until(lambda: rt.ContainerStatus(cri.ContainerStatusRequest(container_id=c1), timeout=30)
                .status.state == cri.CONTAINER_EXITED, 90, "c1 to be EXITED")
+    for call, req in ((rt.StopContainer, cri.StopContainerRequest(container_id=c1, timeout=1)),
+                      (rt.RemoveContainer, cri.RemoveContainerRequest(container_id=c1)),
+                      (rt.StopPodSandbox, cri.StopPodSandboxRequest(pod_sandbox_id=pod)),
+                      (rt.RemovePodSandbox, cri.RemovePodSandboxRequest(pod_sandbox_id=pod))):
+        call(req, timeout=RPC_TIMEOUT)
+    e.pods.remove(pod)
+    wait_until(lambda: not _left(e, pod, pod_netns), 30, lambda: f"nothing of ours left: {_left(e, pod, pod_netns)}")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug, not understood yet: after a containerd 2.1.9 restart the pod runs and answers "
+    "ExecSync, but StopPodSandbox fails 'ttrpc: closed': containerd closes the sandbox shim's "
+    "connection right after the holder's exit, while the shim daemon is still alive (2 of 2 runs)"))
+def test_the_pod_survives_a_containerd_restart(env2):
+    """containerd restarted under a running pod: its sandbox controller reconnects to the shim
+    (the sandbox bundle's address), CRI asks SandboxStatus and waits again, and the pod, its
+    container and the teardown work as before."""
+    e, rt = env2, env2.api.rt
+    uid = uuid.uuid4().hex
+    name = f"sbr-{uid[:6]}"
+    (e.work / name).mkdir()
+    pod_cfg = _pod_config(name, uid, e.work / name)
+    netns_before = _netns()
+    pod = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_cfg, runtime_handler=HANDLER),
+                           timeout=RPC_TIMEOUT).pod_sandbox_id
+    e.pods.append(pod)
+    pod_netns = _netns() - netns_before
+    c1 = rt.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=_container_config("c1", "sleep", "3600"), sandbox_config=pod_cfg),
+        timeout=RPC_TIMEOUT).container_id
+    rt.StartContainer(cri.StartContainerRequest(container_id=c1), timeout=RPC_TIMEOUT)
+    qemus = _qemus_of(pod)
+    shims = e.shim_pids(pod)
+    e.c.restart()
+    e.api.channel.close()
+    e.api = Cri(e.c.address)
+    rt = e.api.rt
+    wait_until(lambda: rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod), timeout=30)
+               .status.state == cri.SANDBOX_READY, 60, "the pod READY after the restart")
+    assert _qemus_of(pod) == qemus and e.shim_pids(pod) == shims, "the same VM and shim"
+    token = secrets.token_hex(4)
+    assert e.api.exec_sync(c1, "echo", token).strip() == token
     for call, req in ((rt.StopContainer, cri.StopContainerRequest(container_id=c1, timeout=1)),
                       (rt.RemoveContainer, cri.RemoveContainerRequest(container_id=c1)),
                       (rt.StopPodSandbox, cri.StopPodSandboxRequest(pod_sandbox_id=pod)),
