@@ -181,6 +181,10 @@ def pod_spec(req: PodRequest, *, readonly: bool = True) -> dict[str, Any]:
     }
     if cfg.linux.cgroup_parent:
         linux["cgroupsPath"] = _cgroups_path(cfg.linux.cgroup_parent, req.sandbox_id)
+    if cfg.linux.sysctls:
+        # the pod's, as on a pause container: runc sets the IPC ones in the holder's namespace
+        # (the pod's); the guest agent sets net.* in the VM's network namespace (the pod's)
+        linux["sysctl"] = dict(cfg.linux.sysctls)
     spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {"terminal": False, "user": {"uid": HOLDER_UID, "gid": HOLDER_UID}, "args": [HOLDER_PATH],

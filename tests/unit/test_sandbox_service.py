@@ -111,6 +111,7 @@ def test_the_pod_config_view_reads_the_kubelets_own_message():
     assert got.linux.cgroup_parent == "/kubepods/burstable/podu-1"
     r = got.linux.resources
     assert (r.cpu_period, r.cpu_quota, r.cpu_shares, r.memory_limit_in_bytes) == (100000, 150000, 1536, 256 << 20)
+    assert dict(got.linux.sysctls) == {"net.core.somaxconn": "1024"}
 
 
 @pytest.mark.parametrize("options, message", [
@@ -162,6 +163,13 @@ def test_the_pod_spec_joins_the_cri_netns_and_holds_the_pod_namespaces(tmp_path)
     assert ann["io.kubernetes.cri.sandbox-name"] == "web" and ann["team"] == "a"
     assert spec["process"]["args"] == [HOLDER_PATH] and spec["process"]["user"]["uid"] != 0
     assert spec["process"]["capabilities"]["bounding"] == [] and spec["root"]["readonly"] is True
+
+
+def test_the_pods_sysctls_go_to_the_holder_as_to_a_pause_container(tmp_path):
+    sysctls = {"kernel.shm_rmid_forced": "1", "net.ipv4.ip_unprivileged_port_start": "0"}
+    spec = pod_spec(PodRequest(ID, _bundle(tmp_path), "/n", _config(sysctls=sysctls)))
+    assert spec["linux"]["sysctl"] == sysctls
+    assert "sysctl" not in pod_spec(PodRequest(ID, _bundle(tmp_path / "b"), "/n", _config()))["linux"]
 
 
 def test_a_host_network_pod_is_refused_as_under_the_pause_path(tmp_path):

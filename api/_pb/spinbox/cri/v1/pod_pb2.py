@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18spinbox/cri/v1/pod.proto\x12\x0espinbox.cri.v1\"\xf9\x02\n\x10PodSandboxConfig\x12\x34\n\x08metadata\x18\x01 \x01(\x0b\x32\".spinbox.cri.v1.PodSandboxMetadata\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12<\n\x06labels\x18\x06 \x03(\x0b\x32,.spinbox.cri.v1.PodSandboxConfig.LabelsEntry\x12\x46\n\x0b\x61nnotations\x18\x07 \x03(\x0b\x32\x31.spinbox.cri.v1.PodSandboxConfig.AnnotationsEntry\x12\x34\n\x05linux\x18\x08 \x01(\x0b\x32%.spinbox.cri.v1.LinuxPodSandboxConfig\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x12PodSandboxMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"\xa5\x01\n\x15LinuxPodSandboxConfig\x12\x15\n\rcgroup_parent\x18\x01 \x01(\t\x12\x39\n\x08overhead\x18\x04 \x01(\x0b\x32\'.spinbox.cri.v1.LinuxContainerResources\x12:\n\tresources\x18\x05 \x01(\x0b\x32\'.spinbox.cri.v1.LinuxContainerResources\"s\n\x17LinuxContainerResources\x12\x12\n\ncpu_period\x18\x01 \x01(\x03\x12\x11\n\tcpu_quota\x18\x02 \x01(\x03\x12\x12\n\ncpu_shares\x18\x03 \x01(\x03\x12\x1d\n\x15memory_limit_in_bytes\x18\x04 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18spinbox/cri/v1/pod.proto\x12\x0espinbox.cri.v1\"\xf9\x02\n\x10PodSandboxConfig\x12\x34\n\x08metadata\x18\x01 \x01(\x0b\x32\".spinbox.cri.v1.PodSandboxMetadata\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12<\n\x06labels\x18\x06 \x03(\x0b\x32,.spinbox.cri.v1.PodSandboxConfig.LabelsEntry\x12\x46\n\x0b\x61nnotations\x18\x07 \x03(\x0b\x32\x31.spinbox.cri.v1.PodSandboxConfig.AnnotationsEntry\x12\x34\n\x05linux\x18\x08 \x01(\x0b\x32%.spinbox.cri.v1.LinuxPodSandboxConfig\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x12PodSandboxMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"\x9a\x02\n\x15LinuxPodSandboxConfig\x12\x15\n\rcgroup_parent\x18\x01 \x01(\t\x12\x43\n\x07sysctls\x18\x03 \x03(\x0b\x32\x32.spinbox.cri.v1.LinuxPodSandboxConfig.SysctlsEntry\x12\x39\n\x08overhead\x18\x04 \x01(\x0b\x32\'.spinbox.cri.v1.LinuxContainerResources\x12:\n\tresources\x18\x05 \x01(\x0b\x32\'.spinbox.cri.v1.LinuxContainerResources\x1a.\n\x0cSysctlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"s\n\x17LinuxContainerResources\x12\x12\n\ncpu_period\x18\x01 \x01(\x03\x12\x11\n\tcpu_quota\x18\x02 \x01(\x03\x12\x12\n\ncpu_shares\x18\x03 \x01(\x03\x12\x1d\n\x15memory_limit_in_bytes\x18\x04 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PODSANDBOXCONFIG_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_PODSANDBOXCONFIG_ANNOTATIONSENTRY']._loaded_options = None
   _globals['_PODSANDBOXCONFIG_ANNOTATIONSENTRY']._serialized_options = b'8\001'
+  _globals['_LINUXPODSANDBOXCONFIG_SYSCTLSENTRY']._loaded_options = None
+  _globals['_LINUXPODSANDBOXCONFIG_SYSCTLSENTRY']._serialized_options = b'8\001'
   _globals['_PODSANDBOXCONFIG']._serialized_start=45
   _globals['_PODSANDBOXCONFIG']._serialized_end=422
   _globals['_PODSANDBOXCONFIG_LABELSENTRY']._serialized_start=325
@@ -44,7 +46,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PODSANDBOXMETADATA']._serialized_start=424
   _globals['_PODSANDBOXMETADATA']._serialized_end=507
   _globals['_LINUXPODSANDBOXCONFIG']._serialized_start=510
-  _globals['_LINUXPODSANDBOXCONFIG']._serialized_end=675
-  _globals['_LINUXCONTAINERRESOURCES']._serialized_start=677
-  _globals['_LINUXCONTAINERRESOURCES']._serialized_end=792
+  _globals['_LINUXPODSANDBOXCONFIG']._serialized_end=792
+  _globals['_LINUXPODSANDBOXCONFIG_SYSCTLSENTRY']._serialized_start=746
+  _globals['_LINUXPODSANDBOXCONFIG_SYSCTLSENTRY']._serialized_end=792
+  _globals['_LINUXCONTAINERRESOURCES']._serialized_start=794
+  _globals['_LINUXCONTAINERRESOURCES']._serialized_end=909
 # @@protoc_insertion_point(module_scope)
