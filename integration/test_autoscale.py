@@ -65,10 +65,12 @@ def test_a_busy_loop_gets_a_vcpu_and_gives_it_back(env):  # noqa: F811
         r = env.ctr("task", "exec", "--exec-id", "stop", id, "touch", "/tmp/stop", check=False, timeout=120)
         assert r.returncode == 0, r
         t_idle = time.monotonic()
-        wait_until(lambda: qemu_vcpu_threads(qemu[0]) == 1, 120, "the controller to remove the vCPU")
+        wait_until(lambda: [m for m in _lines(env, id, DONE) if m["action"] == "shrink"], 120,
+                   "the controller to remove the vCPU")
         shrink_s = time.monotonic() - t_idle
-        wait_until(lambda: [m for m in _lines(env, id, DONE) if m["action"] == "shrink"], 30,
-                   "the shrink's done line")
+        # TCG: parked (offline in the guest, QEMU keeps the device: unplug is unsafe, shim.resize)
+        parked = _log_lines(env, "parked (offline in the guest")
+        assert qemu_vcpu_threads(qemu[0]) == (2 if parked else 1), parked
         shrink = [m for m in _lines(env, id, DECISION) if m["action"] == "shrink"]
         assert len(shrink) == 1 and shrink[0]["n"] == "1", [m.group(0) for m in shrink]
         assert int(shrink[0]["pct"]) < 30 and "below 30% for" in shrink[0]["why"], shrink[0].group(0)

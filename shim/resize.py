@@ -10,6 +10,12 @@ Shrinking: hot-plugged vCPUs are unplugged newest first (the guest offlines them
 eject) and virtio-mem is asked for less; what the guest does not give back within the timeout
 is logged and kept in the recorded size: the size is never claimed smaller than confirmed.
 
+Under TCG vCPUs are parked, not unplugged: QEMU 7.2 corrupts its heap when a vCPU is hot-plugged
+again after an unplug (reproduced: `malloc(): unsorted double linked list corrupted`, QEMU
+killed by SIGABRT on the re-plug, the sandbox lost). A parked vCPU is offline in the guest (agent
+SetOnlineCpus), its QEMU thread halted and outside the host cgroup's CPU quota (which follows
+the size); a later grow brings parked vCPUs back online before it hot-plugs new ones.
+
 One resize at a time: `lock` is held by whoever resizes (shim.sandbox.VMSandbox.resize, which
 Create, Update and the vCPU controller all go through).
 
@@ -141,8 +147,9 @@ class VMResizer:
         vCPUs; otherwise the record is refused by name and the resizer starts from QEMU's
         count with no handles (it can grow, not unplug what it does not know)."""
         have = await devices.vcpu_count(self.vm)
-        if have != rec.vcpus:
-            raise SizingError(f"vm {self.vm.name}: the recorded size has {rec.vcpus} vCPUs, QEMU has {have}")
+        plugged = self.vm.config.vcpus + len(rec.cpus)       # parked ones included
+        if have != plugged:
+            raise SizingError(f"vm {self.vm.name}: the recorded size has {plugged} vCPU devices, QEMU has {have}")
         self._cpus = [devices.CPUHandle(self.vm, i, props=dict(p)) for i, p in rec.cpus]
         self._dimms = [devices.DimmHandle(self.vm, i, backend_id=b, size_mb=m) for i, b, m in rec.dimms]
         self._base_total = rec.base_total
@@ -188,26 +195,37 @@ class VMResizer:
             plugged = (await devices.VirtioMem(self.vm).plugged_bytes() // MiB
                        if self.vm.config.memory_hotplug == "virtio-mem" and self.vm.config.hotplug_memory_mb
                        else sum(d.size_mb for d in self._dimms))
-            cpus, mem = await self.agent.online_cpus(), await self.agent.online_memory()
+            info, mem = await self.agent.info(), await self.agent.online_memory()
         except Exception as e:
             log.warning("vm %s: resized %s -> %s; reading the figures back: %s", self.vm.name,
                         before.describe(), self.size.describe(), e)
             return
         log.info("vm %s: resized %s -> %s (QEMU: %d vCPUs, %d MiB plugged; guest: %d CPUs online, "
                  "MemTotal %d MiB)", self.vm.name, before.describe(), self.size.describe(), qemu_cpus,
-                 plugged, cpus.online, mem.memory_total_bytes // MiB)
+                 plugged, info.cpus_online, mem.memory_total_bytes // MiB)
 
     # --- vCPUs -----------------------------------------------------------------------------
 
+    @property
+    def parks_vcpus(self) -> bool:
+        """Give vCPUs back by offlining them in the guest instead of unplugging (TCG)."""
+        accel = getattr(self.vm, "accel", None)
+        return getattr(accel, "value", accel) == "tcg"
+
     async def _set_vcpus(self, n: int) -> None:
-        await devices.set_vcpus(self.vm, n, self._cpus)
-        await self._wait_cpus(lambda online: online >= n, f"{n} vCPUs online")
+        if await devices.vcpu_count(self.vm) < n:
+            await devices.set_vcpus(self.vm, n, self._cpus)
+        if self.parks_vcpus:        # online exactly n: parked ones first, the new ones after
+            await self._wait_cpus(lambda online: online == n, f"{n} vCPUs online", park_to=n)
+        else:
+            await self._wait_cpus(lambda online: online >= n, f"{n} vCPUs online")
         self.size = Size(n, self.size.memory_mb)
 
-    async def _wait_cpus(self, ok, what: str) -> int:
+    async def _wait_cpus(self, ok, what: str, park_to: int | None = None) -> int:
         deadline = time.monotonic() + self.timeout
         while True:
-            r = await self.agent.online_cpus()
+            r = (await self.agent.set_online_cpus(park_to) if park_to is not None
+                 else await self.agent.online_cpus())
             if ok(r.online):
                 return r.online
             if time.monotonic() > deadline:
@@ -251,7 +269,8 @@ class VMResizer:
 
     async def _shrink(self, want: Size) -> None:
         if want.vcpus < self.size.vcpus:
-            await self._unplug_vcpus(max(want.vcpus, self.vm.config.vcpus))
+            n = max(want.vcpus, self.vm.config.vcpus)
+            await (self._park_vcpus(n) if self.parks_vcpus else self._unplug_vcpus(n))
         if want.memory_mb < self.size.memory_mb and self.vm.config.memory_hotplug == "virtio-mem":
             await self._give_back_memory(want.memory_mb)
         elif want.memory_mb < self.size.memory_mb:
@@ -279,6 +298,23 @@ class VMResizer:
         if self.size.vcpus > n:
             log.warning("vm %s: the guest kept %d vCPUs, not %d: %s", self.vm.name, self.size.vcpus, n,
                         why or "no hot-plugged vCPU left to unplug")
+
+    async def _park_vcpus(self, n: int) -> None:
+        """Offline the newest vCPUs in the guest; the size is what the guest then has online."""
+        t = time.monotonic()
+        why = ""
+        try:
+            online = await self._wait_cpus(lambda online: online <= n, f"{n} vCPUs online", park_to=n)
+        except Exception as e:
+            why = str(e)
+            online = (await self.agent.info()).cpus_online
+        qemu = await devices.vcpu_count(self.vm)
+        log.info("vm %s: vCPUs %d -> %d online in %.2f s, %d parked (offline in the guest; QEMU keeps "
+                 "them: unplug is unsafe under TCG)", self.vm.name, self.size.vcpus, online,
+                 time.monotonic() - t, qemu - online)
+        self.size = Size(online, self.size.memory_mb)
+        if self.size.vcpus > n:
+            log.warning("vm %s: the guest kept %d vCPUs online, not %d: %s", self.vm.name, self.size.vcpus, n, why)
 
     async def _eject(self, h: devices.CPUHandle) -> None:
         """device_del, then until QEMU no longer lists the vCPU (query-cpus-fast): the guest

@@ -193,5 +193,8 @@ class SystemService:
     async def OnlineCpus(self, req: cpb.Empty) -> sypb.OnlineCpusResponse:
         return sypb.OnlineCpusResponse(**_system.online_cpus())
 
+    async def SetOnlineCpus(self, req: sypb.SetOnlineCpusRequest) -> sypb.OnlineCpusResponse:
+        return sypb.OnlineCpusResponse(**_system.set_online_cpus(req.online))
+
     async def OnlineMemory(self, req: cpb.Empty) -> sypb.OnlineMemoryResponse:
         return sypb.OnlineMemoryResponse(**_system.online_memory())

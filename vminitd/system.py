@@ -12,6 +12,7 @@ from .errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
+MAX_CPUS = 4096                  # the shim's bound on CPU counts too
 MAX_ENTROPY_BYTES = 512          # one AddEntropy request (the host sends 64)
 # <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07)
 RNDADDENTROPY = 0x40085203
@@ -128,6 +129,30 @@ def online_cpus(root: str = "/sys/devices/system/cpu") -> dict[str, int]:
     return {"onlined": onlined,
             "online": _count_range_list(_read(os.path.join(root, "online"), "0")),
             "present": _count_range_list(_read(os.path.join(root, "present"), "0"))}
+
+
+def set_online_cpus(want: int, root: str = "/sys/devices/system/cpu") -> dict[str, int]:
+    """Online the lowest-numbered `want` CPUs and offline the others, highest first (cpu0 has
+    no `online` file: it is always on)."""
+    present = _count_range_list(_read(os.path.join(root, "present"), "0"))
+    # more than present: a hot-plugged CPU the kernel has not added yet; the shim asks again
+    if not 1 <= want <= MAX_CPUS:
+        raise InvalidArgument(f"set_online_cpus: {want} CPUs (1..{MAX_CPUS})")
+    cpus = sorted(((int(os.path.basename(os.path.dirname(p))[3:]), p)
+                   for p in glob.glob(os.path.join(root, "cpu[0-9]*", "online"))), reverse=True)
+    changed = 0
+    for i, path in cpus:                  # highest first: the newest hot-plugged go first
+        on = _read(path) == "1"
+        if (i < want) != on:
+            try:
+                with open(path, "w") as f:
+                    f.write("1" if i < want else "0")
+                changed += 1
+            except OSError as e:
+                log.warning(f"set_online_cpus: {path}: {e}")
+    return {"onlined": changed,
+            "online": _count_range_list(_read(os.path.join(root, "online"), "0")),
+            "present": present}
 
 
 def online_memory(root: str = "/sys/devices/system/memory") -> dict[str, int]:

@@ -334,6 +334,16 @@ class AgentClient:
             raise protocol_error(f"online_cpus: onlined {r.onlined} online {r.online} present {r.present}")
         return CpuOnline(r.onlined, r.online, r.present)
 
+    async def set_online_cpus(self, online: int, *, timeout: float | None = AGENT_CALL_TIMEOUT_S) -> CpuOnline:
+        """Exactly `online` CPUs online in the guest (the lowest-numbered)."""
+        if not 1 <= online <= MAX_CPUS:
+            raise ValueError(f"set_online_cpus: {online} CPUs (1..{MAX_CPUS})")
+        r = await self._unary(SVC_SYSTEM, "SetOnlineCpus", sypb.SetOnlineCpusRequest(online=online),
+                              sypb.OnlineCpusResponse, timeout)
+        if max(r.onlined, r.online, r.present) > MAX_CPUS or r.online > r.present:
+            raise protocol_error(f"set_online_cpus: changed {r.onlined} online {r.online} present {r.present}")
+        return CpuOnline(r.onlined, r.online, r.present)
+
     async def online_memory(self, *, timeout: float | None = AGENT_CALL_TIMEOUT_S) -> MemoryOnline:
         r = await self._unary(SVC_SYSTEM, "OnlineMemory", cpb.Empty(), sypb.OnlineMemoryResponse, timeout)
         if r.blocks_onlined > r.blocks_online:

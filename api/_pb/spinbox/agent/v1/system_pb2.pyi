@@ -71,6 +71,12 @@ class OnlineCpusResponse(_message.Message):
     present: int
     def __init__(self, onlined: _Optional[int] = ..., online: _Optional[int] = ..., present: _Optional[int] = ...) -> None: ...
 
+class SetOnlineCpusRequest(_message.Message):
+    __slots__ = ("online",)
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    online: int
+    def __init__(self, online: _Optional[int] = ...) -> None: ...
+
 class OnlineMemoryResponse(_message.Message):
     __slots__ = ("blocks_onlined", "blocks_online", "memory_total_bytes")
     BLOCKS_ONLINED_FIELD_NUMBER: _ClassVar[int]
