@@ -39,7 +39,7 @@ from spinbox.shim.exits import OOM_BURST, OOM_RATE
 pytestmark = pytest.mark.integration
 
 # SPINBOX_TEST_HOSTILE_MODES picks others (debugging one mode)
-MODES = os.environ.get("SPINBOX_TEST_HOSTILE_MODES", "oom-flood,event-lies,reply-lies,output-overrun")
+MODES = os.environ.get("SPINBOX_TEST_HOSTILE_MODES", "oom-flood,event-lies,reply-lies,output-overrun,qmp-flood")
 FLOOD_S = 20.0                  # vminitd/hostile.py FLOOD_S
 SHIM_HWM_LIMIT_KIB = 120 << 10  # the shim daemon's peak RSS under the flood, at most
 STATE_DIR_LIMIT = 8 << 20       # the sandbox's files under the state dir, at most
@@ -115,3 +115,11 @@ def test_a_hostile_agent_leaves_the_host_bounded_and_serving(env):  # noqa: F811
     assert '"exit_status":137' in exit_line, exit_line
     wait_until(lambda: not env.qemu_pids(id) and not env.shim_pids(id), 30,
                "QEMU and the shim to exit after delete")
+    if "qmp-flood" in MODES:
+        # the guest's ACPI OST writes reached the shim as QMP events, which it kept bounded
+        found = re.findall(rf"vm {id}: (\d+) QMP events received, (\d+) beyond the last (\d+) dropped".encode(),
+                           Path(env.c.log_path).read_bytes())
+        assert found, "no QMP event count in the shim's log: the guest's flood did not happen"
+        received, dropped, kept = map(int, found[-1])
+        print(f"hostile agent: {received} QMP events from the guest, {dropped} dropped (kept {kept})")
+        assert received > 1000 and dropped == received - min(received, kept)

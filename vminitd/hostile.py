@@ -12,6 +12,7 @@ check that the shim stays bounded and keeps serving while it happens.
 | `event-lies` | after each Start, exits that are lies: for ids that do not exist, for the container with a wrong pid, with the largest pid, for an exec that does not exist; and every real event sent again as a replay (an older sequence number) with `gap` set |
 | `reply-lies` | Pids answers more processes than the host accepts |
 | `output-overrun` | a container's stdout stream sends 8 MiB beyond the host's window, then a chunk at offset 0 |
+| `qmp-flood` | after each Start, for FLOOD_S seconds, writes ACPI CPU hot-plug OST status registers from a thread (/dev/port, or iopl + `out`: what root in the guest can do): each write makes QEMU send an ACPI_DEVICE_OST event on the shim's QMP connection, with no throttle in QEMU |
 
 Why this can live in the image: root in the guest can do all of it anyway (replace this file,
 load a module, write the channel); the mode only makes it reproducible. It reaches the host only
@@ -20,7 +21,11 @@ through the channels every guest has. Unknown mode names are logged and ignored.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import mmap
+import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -32,12 +37,60 @@ from spinbox.api._pb.spinbox.agent.v1 import stdio_pb2 as spb
 log = logging.getLogger(__name__)
 
 PARAM = "spinbox.hostile"
-MODES = ("oom-flood", "event-lies", "reply-lies", "output-overrun")
+MODES = ("oom-flood", "event-lies", "reply-lies", "output-overrun", "qmp-flood")
 FLOOD_S = 20.0              # how long one container's OOM flood lasts
 FLOOD_BATCH = 256           # events published between two yields to the loop
 PID_LIES = 70000            # more than the host's limit on a Pids answer
 UINT32_MAX = (1 << 32) - 1
 OVERRUN_BYTES = 8 << 20
+# q35's ACPI CPU hot-plug block (QEMU hw/acpi/cpu.c on ICH9): selector (4 bytes at +0), command
+# (1 byte at +5), command data (4 bytes at +8); command 2 = "OST status": each data write sends
+# the event ACPI_DEVICE_OST to every QMP monitor
+CPU_HOTPLUG_BASE = 0x0CD8
+OST_STATUS_CMD = 2
+
+
+class PortIO:
+    """Byte writes to I/O ports, as root in the guest can: /dev/port (one `outb` per byte at
+    successive ports), or else iopl(3) and `out` from a few bytes of code in an executable
+    page (a kernel without /dev/port)."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        try:
+            self._fd = os.open("/dev/port", os.O_WRONLY)
+            return
+        except OSError:
+            pass
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.iopl(3) != 0:
+            raise OSError(ctypes.get_errno(), "no /dev/port, and iopl(3) failed")
+        self._page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        # outb(value=edi, port=esi): mov eax,edi; mov edx,esi; out dx,al; ret
+        self._page.write(bytes([0x89, 0xF8, 0x89, 0xF2, 0xEE, 0xC3]))
+        self._outb = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32)(
+            ctypes.addressof(ctypes.c_char.from_buffer(self._page)))
+
+    def outb(self, value: int, port: int) -> None:
+        if self._fd is not None:
+            os.pwrite(self._fd, bytes([value]), port)
+        else:
+            self._outb(value, port)
+
+
+def qmp_flood(seconds: float) -> int:
+    """ACPI_DEVICE_OST events as fast as the vCPU writes them; returns how many were sent."""
+    io = PortIO()
+    io.outb(0, CPU_HOTPLUG_BASE)                 # CPU 0 (a 1-byte write of the selector)
+    io.outb(OST_STATUS_CMD, CPU_HOTPLUG_BASE + 5)
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        for _ in range(1000):
+            io.outb(0x80, CPU_HOTPLUG_BASE + 8)
+        n += 1000
+        time.sleep(0)
+    return n
 
 
 def modes(cmdline: dict[str, str]) -> frozenset[str]:
@@ -78,7 +131,16 @@ class HostileContainers(_Delegate):
             self._spawn(self._oom_flood(req.id))
         if "event-lies" in self._modes and not req.exec_id:
             self._event_lies(req.id, r.pid)
+        if "qmp-flood" in self._modes and not req.exec_id:
+            threading.Thread(target=self._qmp_flood, name="hostile-qmp", daemon=True).start()
         return r
+
+    @staticmethod
+    def _qmp_flood() -> None:
+        try:
+            log.info("hostile: %d ACPI OST writes in %.0fs", qmp_flood(FLOOD_S), FLOOD_S)
+        except Exception as e:      # a kernel without iopl, say: the test sees no event then
+            log.warning("hostile: qmp flood failed: %r", e)
 
     async def Pids(self, req: cpb.PidsRequest) -> cpb.PidsResponse:
         r = await self._inner.Pids(req)

@@ -776,6 +776,10 @@ class VM:
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 await self._qmp.disconnect()
+            ev = self._qmp.events
+            if ev.received:   # the guest raises them at will: how many, for the operator
+                log.info("vm %s: %d QMP events received, %d beyond the last %d dropped", self.name,
+                         ev.received, ev.dropped, ev.maxlen)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

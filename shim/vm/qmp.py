@@ -32,10 +32,12 @@ class BoundedListener(EventListener):
         super().__init__(names, event_filter)
         self.maxlen = maxlen
         self.dropped = 0
+        self.received = 0       # events accepted, over the listener's life
 
     async def put(self, event: Message) -> None:
         if not self.accept(event):
             return
+        self.received += 1
         while self._queue.qsize() >= self.maxlen:
             try:
                 self._queue.get_nowait()

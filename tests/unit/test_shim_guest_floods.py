@@ -380,6 +380,7 @@ async def test_qmp_events_nobody_reads_are_bounded(tmp_path, flood, measure):
         assert r["status"] == "running"               # replies still come through
         assert not client.events.history and client.events.pending <= DEFAULT_KEPT
         assert client.events.dropped == flood - DEFAULT_KEPT
+        assert client.events.received == flood
         assert peak < 1 << 20, f"{flood} QMP events held {peak} bytes at the peak"
     finally:
         await client.disconnect()
