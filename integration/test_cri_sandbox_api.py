@@ -10,7 +10,8 @@ succeed on the shim path. The pod (each step asserts what a user would see):
      pod in containerd (no pause container);
   2. CreateContainer + StartContainer (busybox) → RUNNING in that one VM;
   3. ExecSync: its output comes back; PID 1 of the pod's shared PID namespace is the shim's
-     holder (/pause), the hostname is the pod's, eth0 has the pod IP;
+     holder (/pause), the hostname is the pod's, eth0 has the pod IP, the pod's sysctls (an IPC
+     one and a net one) are set;
      a second container sees the first one's processes (the pod's PID namespace);
   4. StopContainer/RemoveContainer (the pod's VM stays), StopPodSandbox (NOTREADY, no QEMU),
      RemovePodSandbox → nothing of ours left: no QEMU/virtiofsd/shim, mount, shim state, host
@@ -101,12 +102,16 @@ class Cri:
         return r.stdout.decode()
 
 
+POD_SYSCTLS = {"kernel.shm_rmid_forced": "1", "net.ipv4.ip_unprivileged_port_start": "80"}
+
+
 def _pod_config(name: str, uid: str, log_dir: Path) -> cri.PodSandboxConfig:
     ns = cri.NamespaceOption(network=cri.POD, pid=cri.POD, ipc=cri.POD)
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace="default", attempt=0),
         hostname=name, log_directory=str(log_dir), labels={"app": "spinbox-it"},
-        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(namespace_options=ns)))
+        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(namespace_options=ns),
+                                        sysctls=POD_SYSCTLS))
 
 
 def _container_config(name: str, *args: str) -> cri.ContainerConfig:
@@ -229,6 +234,9 @@ def test_a_pod_through_the_sandbox_api(env2):
     assert init == "/pause", f"PID 1 of the pod's PID namespace is the shim's holder: {init!r}"
     assert e.api.exec_sync(c1, "hostname").strip() == name, "the pod's UTS namespace and hostname"
     assert _ipv4(e.api.exec_sync(c1, "ip", "-o", "-4", "addr", "show", "dev", "eth0")) == pod_ip
+    for key, value in POD_SYSCTLS.items():     # the pod's IPC and network namespaces got them
+        got = e.api.exec_sync(c1, "cat", "/proc/sys/" + key.replace(".", "/")).strip()
+        assert got == value, f"pod sysctl {key}={value} in the container: {got!r}"
     log = log_dir / "c1.log"
     wait_until(lambda: log.exists() and "c1-says-hi" in log.read_text(errors="replace"), 30,
                lambda: f"c1's stdout in {log}")
