@@ -17,6 +17,7 @@ A process per target: instrumentation is per import, and libFuzzer runs once per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -73,6 +74,12 @@ def child(argv: list[str] | None = None) -> int:
             runner.one(data, reraise=True)
         except BaseException:
             _write_stats(args.stats, dataclasses.replace(runner.stats, seconds=_elapsed(runner)))
+            # libFuzzer exits the process after this: close the harness now (its temp dirs,
+            # sockets), whatever state the failed input left it in
+            with contextlib.suppress(BaseException):
+                harness_close = getattr(runner.harness, "close", None)
+                if harness_close is not None:
+                    harness_close()
             raise
         if runner.stats.inputs >= args.runs:
             _write_stats(args.stats, runner.finish())

@@ -45,6 +45,8 @@ from .replies import CODES, MESSAGES, check_error
 WINDOWS = (1, 7, 4096, 65536, ss.DEFAULT_OUTPUT_WINDOW, ss.MAX_WINDOW)
 SMALL_CHUNK = 8192                      # the receiver's chunk limit in the pure modes (cheap to pass)
 READ_BOUND_S = 0.5
+FRAME_WAIT_S = 0.002                    # the guest reads what the shim sent after an ack (on a unix
+                                        # socket it is there at once; waiting longer only slows)
 URIS = ("", "/run/x.fifo", "fifo:///run/x", "file:///var/log/x", "binary:///bin/logger", "fifo://",
         "file://", "://", "fifo://host/../../etc/passwd", "FILE:///x", "file:///a\0b", "relative",
         "http://example.com/x", "fifo:///" + "a" * 5000)
@@ -294,7 +296,7 @@ class StdioHarness(AsyncHarness):
                 await guest.drain()
                 if offset <= received and window <= ss.MAX_WINDOW and not ack.eof:
                     limit = max(limit, offset + window)     # what an honest client may use
-                while (f := await guest.next_frame(0.01)) is not None:
+                while (f := await guest.next_frame(FRAME_WAIT_S)) is not None:
                     if f.type != MessageType.DATA or f.flags & Flags.NO_DATA:
                         continue
                     d = spb.InputClient.FromString(f.data).data
