@@ -107,8 +107,9 @@ class Pod:
         self.dns = dns
         self.cgroup_parent = cgroup_parent      # what the kubelet sets (and makes) for every pod
 
-    def namespaces(self, pid: int | None = None) -> cri.NamespaceOption:
-        return cri.NamespaceOption(network=self.network, pid=self.pid if pid is None else pid, ipc=self.ipc)
+    def namespaces(self, pid: int | None = None, target: str = "") -> cri.NamespaceOption:
+        return cri.NamespaceOption(network=self.network, pid=self.pid if pid is None else pid, ipc=self.ipc,
+                                   target_id=target)
 
     def config(self) -> cri.PodSandboxConfig:
         cfg = cri.PodSandboxConfig(
@@ -125,12 +126,13 @@ class Pod:
 
     def container_config(self, name: str, *args: str, pid: int | None = None,
                          security: cri.LinuxContainerSecurityContext | None = None,
-                         tty: bool = False) -> cri.ContainerConfig:
-        """`pid`: this container's PID mode (the pod's by default, as the kubelet sends it)."""
+                         tty: bool = False, target: str = "") -> cri.ContainerConfig:
+        """`pid`: this container's PID mode (the pod's by default, as the kubelet sends it);
+        `target`: the container whose PID namespace a TARGET mode joins."""
         sc = cri.LinuxContainerSecurityContext()
         if security is not None:
             sc.CopyFrom(security)
-        sc.namespace_options.CopyFrom(self.namespaces(pid))
+        sc.namespace_options.CopyFrom(self.namespaces(pid, target))
         return cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name, attempt=0),
             image=cri.ImageSpec(image=BUSYBOX_REF),

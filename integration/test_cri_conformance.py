@@ -6,7 +6,8 @@ repeats it).
 One pod (`shared`) with a shared PID namespace, pod sysctls and a DNS config serves most tests
 (a VM boot each is the expensive part); its containers must join the sandbox (pause)
 container's namespaces as under runc:
-  * PID: `ps` in one container sees the other's process, PID 1 is the pause process;
+  * PID: `ps` in one container sees the other's process, PID 1 is the pause process; a debug
+    container (TARGET) shares the PID namespace of the container it targets;
   * IPC, UTS: the same namespace in every container, the pod's hostname;
   * the pod's sysctls (set on the sandbox: kernel.shm_rmid_forced, fs.mqueue.msg_max in the
     IPC namespace, net.ipv4.ip_unprivileged_port_start in the pod's network) are what a
@@ -112,6 +113,20 @@ def test_shared_pid_namespace_shows_the_other_containers_process(crienv, shared)
     init = _read(crienv, shared.a, "/proc/1/cmdline").replace("\0", " ").strip()
     assert init == "/bin/sleep 2147483647", f"PID 1 of the pod's namespace is the pause process: {init!r}"
     assert _ns(crienv, shared.a, "pid") == _ns(crienv, shared.b, "pid")
+
+
+def test_target_pid_mode_joins_the_target_containers_namespace(crienv, shared):
+    """A debug container (pid TARGET, as `kubectl debug --target`) sees the processes of the
+    container it targets, here one with a PID namespace of its own."""
+    e = crienv
+    own = _create(e, shared, shared.container_config("own", "sleep", "3603", pid=cri.CONTAINER))
+    dbg = _create(e, shared, shared.container_config("dbg", "sleep", "3604", pid=cri.TARGET, target=own))
+    ps = ok(e.api.exec_sync(dbg, "ps", "-o", "pid,args"), "ps in dbg")
+    assert re.search(r"^\s*1 sleep 3603$", ps, re.M), f"the target's init is PID 1 of dbg's namespace:\n{ps}"
+    assert "sleep 3601" not in ps, "not the pod's PID namespace"
+    assert _ns(e, dbg, "pid") == _ns(e, own, "pid") != _ns(e, shared.a, "pid")
+    _discard(e, shared, dbg)
+    _discard(e, shared, own)
 
 
 def test_ipc_and_uts_namespaces_are_the_pods(crienv, shared):
