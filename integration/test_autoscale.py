@@ -47,7 +47,11 @@ def test_a_busy_loop_gets_a_vcpu_and_gives_it_back(env):  # noqa: F811
         assert len(qemu) == 1, qemu
         assert _log_lines(env, f"sandbox {id}: autoscale on: 1..2 vCPU(s)"), "the controller says its bounds"
 
-        wait_until(lambda: qemu_vcpu_threads(qemu[0]) == 2, 120, "the controller to add a vCPU")
+        try:
+            wait_until(lambda: qemu_vcpu_threads(qemu[0]) == 2, 120, "the controller to add a vCPU")
+        except AssertionError:
+            print("\n".join(_log_lines(env, f"sandbox {id}: autoscale")[-40:]))
+            raise
         grow_s = time.monotonic() - t_busy
         wait_until(lambda: _lines(env, id, DONE), 30, "the grow's done line")
         grow = [m for m in _lines(env, id, DECISION) if m["action"] == "grow"]

@@ -52,11 +52,14 @@ class Bounds:
 @dataclass(frozen=True)
 class Sample:
     """One reading of the guest: monotonic host time of the answer, cumulative busy and idle
-    CPU time over all its CPUs (ms), and how many CPUs it says are online."""
+    CPU time over all its CPUs (ms), how many CPUs it says are online, and its uptime when it
+    read them (the time base of the plausibility check: the host's time of the answers jitters
+    with the guest's scheduling and the host's load, by more than a short interval)."""
     at: float
     busy_ms: int
     idle_ms: int
     online: int
+    uptime_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,14 @@ class Controller:
             return None, "no time passed"
         if busy < 0 or idle < 0:
             return None, f"guest counters went backwards (busy {busy:+d} ms, idle {idle:+d} ms)"
-        possible = dt * 1000 * max(s.online, prev.online) * _SLACK
+        span = dt
+        if s.uptime_s is not None and prev.uptime_s is not None:
+            span = s.uptime_s - prev.uptime_s
+            if span <= 0:
+                return None, f"guest uptime went from {prev.uptime_s:.2f} s to {s.uptime_s:.2f} s"
+        possible = span * 1000 * max(s.online, prev.online) * _SLACK + 20     # + a tick or two
         if busy + idle > possible:
-            return None, (f"guest counted {busy + idle} ms of CPU time in {dt:.2f} s on "
+            return None, (f"guest counted {busy + idle} ms of CPU time in {span:.2f} s on "
                           f"{s.online} CPU(s): not believed")
         if busy + idle == 0:
             return None, "no CPU time counted"

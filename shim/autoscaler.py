@@ -75,7 +75,7 @@ class VCPUAutoscaler:
             _throttle.warning("autoscale-info", "sandbox %s: autoscale: reading the guest's CPU time: %s",
                               self.name, e)
             return None
-        return Sample(time.monotonic(), i.cpu_busy_ms, i.cpu_idle_ms, i.cpus_online)
+        return Sample(time.monotonic(), i.cpu_busy_ms, i.cpu_idle_ms, i.cpus_online, i.uptime_s)
 
     async def _run(self) -> None:
         while True:

@@ -104,6 +104,18 @@ def test_hostile_or_broken_counters_give_no_decision(prev, cur, online, why):
     assert d.action == "hold" and d.usage_pct is None and why in d.why, d
 
 
+def test_the_guests_uptime_is_the_time_base_when_it_is_given():
+    ctl = Controller(P, Bounds(1, 3))
+    ctl.observe(Sample(10.0, 0, 0, 1, uptime_s=100.0), 1)
+    # the answers arrived 0.2 s apart on the host, the guest read its counters 1 s apart
+    d = ctl.observe(Sample(10.2, 900, 100, 1, uptime_s=101.0), 1)
+    assert d.usage_pct == pytest.approx(90.0), d
+    d = ctl.observe(Sample(10.4, 1900, 100, 1, uptime_s=101.2), 1)       # 1 s of CPU in 0.2 s
+    assert d.usage_pct is None and "not believed" in d.why, d
+    d = ctl.observe(Sample(10.6, 2000, 100, 1, uptime_s=50.0), 1)
+    assert d.usage_pct is None and "uptime went from" in d.why, d
+
+
 def test_a_cpu_count_the_shim_did_not_confirm_gives_no_decision():
     ctl = Controller(P, Bounds(1, 3))
     got = feed(ctl, 1, [95, 95, 95, 95], online=2)
