@@ -175,8 +175,12 @@ class ChildOutput:
         self.reader = FdReader(r, self.file.write, on_eof=self.file.close)
 
     def started(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.child_fd)
+        # once only: close() calls this again, and by then the fd number may belong to
+        # something else (seen: containerd's connection, accepted after a restart)
+        fd, self.child_fd = self.child_fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def tail(self, n: int = 20) -> list[str]:
         self.reader.read_available()

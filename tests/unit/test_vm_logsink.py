@@ -4,6 +4,7 @@ newest output is kept, and the console keeps its lines and marks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -116,3 +117,21 @@ def test_the_console_cap_is_a_validated_vm_config_key(tmp_path):
     for bad in (0, 1000, 2 << 30, "4M", True):
         with pytest.raises(VMConfigError, match="console_log_max_bytes"):
             VMConfig(kernel=k, console_log_max_bytes=bad).validate()
+
+
+async def test_close_after_started_does_not_close_a_reused_fd_number(tmp_path):
+    # started() closed our copy of the child's end; the number can be reused at once (an
+    # accepted connection): close() must not close it a second time
+    out = ChildOutput(tmp_path / "child.log", CAP)
+    number = out.child_fd
+    out.started()
+    r, w = os.pipe()
+    try:
+        reused = r if r == number else w if w == number else None
+        assert reused is not None, f"the lowest free fd {number} was reused by the pipe ({r}, {w})"
+        out.close()
+        os.fstat(reused)                     # still open: it is not the sink's any more
+    finally:
+        for fd in (r, w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
