@@ -1,5 +1,6 @@
 """The vCPU controller (autoscale.*, docs/sizing.md) through the real containerd 1.6 and ctr,
-with short thresholds: a container's busy loop on the VM's one vCPU makes the shim add a vCPU,
+with short thresholds (grow above 50%: a busy loop on a TCG guest of a loaded host read
+70-96%): a container's busy loop on the VM's one vCPU makes the shim add a vCPU,
 and when the loop ends it removes it again. Seen three ways: the guest's nproc, QEMU's vCPU
 threads (integration/test_vm_sizing.qemu_vcpu_threads), and the shim's decision lines with the
 figures behind them.
@@ -17,7 +18,7 @@ from integration.test_vm_sizing import qemu_vcpu_threads
 
 pytestmark = pytest.mark.integration
 
-POLICY = {"enabled": True, "interval_s": 0.5, "grow_above_pct": 70, "shrink_below_pct": 30,
+POLICY = {"enabled": True, "interval_s": 0.5, "grow_above_pct": 50, "shrink_below_pct": 20,
           "sustain_s": 2, "cooldown_s": 3, "max_vcpus": 2}
 DECISION = re.compile(r"autoscale: (?P<action>grow|shrink) to (?P<n>\d+) vCPU\(s\): usage (?P<pct>\d+)%, "
                       r"(?P<why>.+)")
@@ -56,12 +57,13 @@ def test_a_busy_loop_gets_a_vcpu_and_gives_it_back(env):  # noqa: F811
         wait_until(lambda: _lines(env, id, DONE), 30, "the grow's done line")
         grow = [m for m in _lines(env, id, DECISION) if m["action"] == "grow"]
         assert len(grow) == 1 and grow[0]["n"] == "2", [m.group(0) for m in grow]
-        assert int(grow[0]["pct"]) > 70 and "above 70% for" in grow[0]["why"], grow[0].group(0)
+        assert int(grow[0]["pct"]) >= 50 and "above 50% for" in grow[0]["why"], grow[0].group(0)
         assert _nproc(env, id, 1) == 2
+        print("\n".join(ln.split("autoscale: ", 1)[-1] for ln in _log_lines(env, f"sandbox {id}: autoscale")[:25]))
         print(f"AUTOSCALE grow: 2 vCPUs {grow_s:.1f} s after the loop started; {grow[0].group(0)}; "
               f"{_lines(env, id, DONE)[0].group(0)}")
 
-        # one loop on two vCPUs is ~50%: between the thresholds, so the second vCPU stays
+        # one loop on two vCPUs is ~50%: at the ceiling and above shrink_below_pct, so it stays
         time.sleep(POLICY["sustain_s"] + POLICY["cooldown_s"] + 1)
         assert qemu_vcpu_threads(qemu[0]) == 2
         assert not [m for m in _lines(env, id, DECISION) if m["action"] == "shrink"]
@@ -77,7 +79,7 @@ def test_a_busy_loop_gets_a_vcpu_and_gives_it_back(env):  # noqa: F811
         assert qemu_vcpu_threads(qemu[0]) == (2 if parked else 1), parked
         shrink = [m for m in _lines(env, id, DECISION) if m["action"] == "shrink"]
         assert len(shrink) == 1 and shrink[0]["n"] == "1", [m.group(0) for m in shrink]
-        assert int(shrink[0]["pct"]) < 30 and "below 30% for" in shrink[0]["why"], shrink[0].group(0)
+        assert int(shrink[0]["pct"]) <= 20 and "below 20% for" in shrink[0]["why"], shrink[0].group(0)
         assert _nproc(env, id, 2) == 1
         done = [m for m in _lines(env, id, DONE) if m["action"] == "shrink"][0]
         print(f"AUTOSCALE shrink: 1 vCPU {shrink_s:.1f} s after the loop ended; {shrink[0].group(0)}; "
