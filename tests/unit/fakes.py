@@ -107,11 +107,13 @@ class FakeProc:
 
 
 class FakeOutputStream:
-    """shim.agent.OutputStream's surface (read/aclose): chunks fed by the test; None = end."""
+    """shim.agent.OutputStream's surface (read/refused/aclose): chunks fed by the test; None =
+    end; `refuse(error)` = the guest broke the stream's contract."""
 
     def __init__(self, id: str, exec_id: str, fd: int) -> None:
         self.id, self.exec_id, self.fd = id, exec_id, fd
         self._q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._refused: asyncio.Future[BaseException] = asyncio.get_event_loop().create_future()
         self.closed = False
 
     def feed(self, data: bytes) -> None:
@@ -122,6 +124,12 @@ class FakeOutputStream:
 
     async def read(self) -> bytes | None:
         return await self._q.get()
+
+    def refuse(self, error: BaseException) -> None:
+        self._refused.set_result(error)
+
+    async def refused(self) -> BaseException:
+        return await asyncio.shield(self._refused)
 
     async def aclose(self) -> None:
         self.closed = True
