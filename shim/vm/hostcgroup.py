@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
+# accounting only, where v1 mounts it apart from cpu: CRI's pod CPU stats read it (after the
+# required ones, so limit_files' indexes hold; skipped where absent or the same dir as cpu's)
+V1_OPTIONAL = ("cpuacct",)
 V2_CONTROLLERS = ("memory", "cpu", "pids")
 MiB = 1024 * 1024
 MEMORY_OVERHEAD_MB = 384
@@ -160,6 +163,12 @@ def detect(root: Path = CGROUP_ROOT) -> Layout | str:
     missing = [r.name for r in roots if not (r / "cgroup.procs").exists()]
     if missing:
         return f"no cgroup v2 at {root} and no v1 hierarchy for {', '.join(missing)}"
+    seen = {os.path.realpath(r) for r in roots}
+    for c in V1_OPTIONAL:
+        r = root / c
+        if (r / "cgroup.procs").exists() and os.path.realpath(r) not in seen:
+            roots += (r,)
+            seen.add(os.path.realpath(r))
     if not all(os.access(r, os.W_OK) for r in roots):
         return f"the cgroup v1 hierarchies under {root} are not writable by the shim"
     return Layout(1, roots)
