@@ -58,7 +58,7 @@ class QMPClient(_LibraryClient):
         super().__init__(name)
         # the library refuses to remove its default listener: swap it in place
         self._listeners.remove(self.events)
-        self.events = BoundedListener(maxlen=DEFAULT_KEPT)
+        self.events: BoundedListener = BoundedListener(maxlen=DEFAULT_KEPT)
         self._listeners.append(self.events)
 
     @contextmanager
