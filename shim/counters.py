@@ -65,5 +65,18 @@ class StdioBytes:
     into: int = 0       # containerd's stdin sent to the guest
 
 
+@dataclass
+class Resizes:
+    """The VM's confirmed size changes (shim.resize: Create's sizing, Update, the controller)."""
+    vcpu_changes: int = 0       # vCPUs added or given back (plugged, unplugged, parked, unparked)
+    memory_changes: int = 0     # memory grown or shrunk (virtio-mem or pc-dimm)
+
+    def observe(self, vcpus_before: int, vcpus_after: int, mb_before: int, mb_after: int) -> None:
+        self.vcpu_changes += abs(vcpus_after - vcpus_before)
+        if mb_after != mb_before:
+            self.memory_changes += 1
+
+
 AGENT_CALLS = AgentCalls()
 STDIO = StdioBytes()
+RESIZES = Resizes()

@@ -225,6 +225,8 @@ def families(outcomes: Iterable[Outcome], failures: dict[tuple[str, str], int],
     execs = _counter("spinbox_sandbox_execs_started", "Exec processes started in the guest")
     stdio = _counter("spinbox_sandbox_stdio_bytes", "stdio bytes copied between containerd and the guest",
                      ["direction"])
+    hotplug = _counter("spinbox_sandbox_hotplug_events", "The VM's confirmed size changes: vCPUs added or "
+                       "given back, memory grown or shrunk", ["resource"])
     calls = _counter("spinbox_sandbox_agent_calls", "Guest agent calls", ["method"])
     call_fail = _counter("spinbox_sandbox_agent_call_failures", "Guest agent calls that failed", ["method"])
     latency = HistogramMetricFamily("spinbox_sandbox_agent_call_seconds", "Guest agent call latency",
@@ -261,13 +263,16 @@ def families(outcomes: Iterable[Outcome], failures: dict[tuple[str, str], int],
         execs.add_metric(key, r.execs_started)
         stdio.add_metric(key + ["out"], r.stdio_out_bytes)
         stdio.add_metric(key + ["in"], r.stdio_in_bytes)
+        hotplug.add_metric(key + ["vcpu"], r.vcpu_hotplug_events)
+        hotplug.add_metric(key + ["memory"], r.memory_hotplug_events)
         bounds = [f"{b:g}" for b in r.latency_bounds]
         for c in r.agent_calls:
             calls.add_metric(key + [c.method], c.calls)
             call_fail.add_metric(key + [c.method], c.failures)
             buckets = list(zip(bounds, c.bucket_counts, strict=True)) + [("+Inf", c.calls)]
             latency.add_metric(key + [c.method], buckets, sum_value=c.seconds_sum)
-    out = [up, fail, info, start, *g.values(), vm_cpu, guest_cpu, tasks, execs, stdio, calls, call_fail, latency]
+    out = [up, fail, info, start, *g.values(), vm_cpu, guest_cpu, tasks, execs, stdio, hotplug, calls, call_fail,
+           latency]
     n = GaugeMetricFamily("spinbox_monitor_shims", "Sandbox state dirs found by this scrape")
     n.add_metric([], shims)
     out.append(n)

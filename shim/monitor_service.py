@@ -121,12 +121,14 @@ def is_sandbox_task(manager: ContainerManager, container_id: str) -> bool:
 
 def figures_response(manager: ContainerManager, vm: VMFigures | None, *, uptime_s: float,
                      calls: counters.AgentCalls = counters.AGENT_CALLS,
-                     stdio: counters.StdioBytes = counters.STDIO) -> monitor_pb2.FiguresResponse:
+                     stdio: counters.StdioBytes = counters.STDIO,
+                     resizes: counters.Resizes = counters.RESIZES) -> monitor_pb2.FiguresResponse:
     sb = manager.sandbox
     r = monitor_pb2.FiguresResponse(
         state=sb.state.value if sb is not None else "none",
         containers=len(manager.containers), tasks_started=calls.tasks_started,
         execs_started=calls.execs_started, stdio_out_bytes=stdio.out, stdio_in_bytes=stdio.into,
+        vcpu_hotplug_events=resizes.vcpu_changes, memory_hotplug_events=resizes.memory_changes,
         lost=sb is not None and sb.lost.is_set(), uptime_seconds=uptime_s,
         latency_bounds=counters.LATENCY_BOUNDS)
     if isinstance(sb, VMSandbox) and sb.guest is not None:

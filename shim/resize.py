@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import releasers
+from . import counters, releasers
 from .agent import AgentClient
 from .sizing import MiB, Limits, Size, SizingError, dimm_sizes
 from .state import State
@@ -183,6 +183,7 @@ class VMResizer:
         if want.vcpus < self.size.vcpus or want.memory_mb < self.size.memory_mb:
             await self._shrink(want)
         if self.size != before:
+            counters.RESIZES.observe(before.vcpus, self.size.vcpus, before.memory_mb, self.size.memory_mb)
             self._persist()
             await self._report(before)
         return self.size

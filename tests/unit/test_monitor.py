@@ -38,7 +38,8 @@ def figures(**kw) -> monitor_pb2.FiguresResponse:
         guest_memory_used_bytes=100 * MiB, guest_cpus_online=2, vm_cpu_user_seconds=3.5,
         vm_cpu_system_seconds=0.5, vm_rss_bytes=190 * MiB, containers=1, tasks_started=1, execs_started=4,
         stdio_out_bytes=12345, stdio_in_bytes=6, uptime_seconds=9.0, latency_bounds=counters.LATENCY_BOUNDS,
-        guest_cpu_busy_seconds=4.2, guest_cpu_idle_seconds=9.0)
+        guest_cpu_busy_seconds=4.2, guest_cpu_idle_seconds=9.0, vcpu_hotplug_events=3,
+        memory_hotplug_events=2)
     for m, f in sorted(calls.methods.items()):
         r.agent_calls.append(monitor_pb2.AgentCall(method=m, calls=f.calls, failures=f.failures,
                                                    seconds_sum=f.seconds, bucket_counts=f.cumulative()))
@@ -97,6 +98,8 @@ def test_exposition_of_given_figures():
     assert s[f'spinbox_sandbox_agent_call_seconds_bucket{{{lab},le="+Inf",method="Create"}}'] == 2
     assert s[f'spinbox_sandbox_agent_call_seconds_sum{{{lab},method="Create"}}'] == pytest.approx(0.32)
     assert s["spinbox_monitor_shims"] == 1
+    assert s[f'spinbox_sandbox_hotplug_events_total{{{lab},resource="vcpu"}}'] == 3
+    assert s[f'spinbox_sandbox_hotplug_events_total{{{lab},resource="memory"}}'] == 2
 
 
 def test_a_shim_that_did_not_answer_is_up_0_with_its_failures_and_no_figures():
@@ -429,3 +432,11 @@ async def test_the_shims_monitor_service_over_ttrpc_before_any_sandbox(tmp_path)
     s = samples(monitor.exposition([o], {}))
     assert s['spinbox_sandbox_info{namespace="default",sandbox="sb",start_kind="",state="none"}'] == 1
     assert 'spinbox_sandbox_vcpus{namespace="default",sandbox="sb"}' not in s    # no VM: no VM figures
+
+
+def test_resize_counters_count_vcpus_moved_and_memory_changes():
+    r = counters.Resizes()
+    r.observe(1, 3, 256, 1024)      # +2 vCPUs, memory grown
+    r.observe(3, 1, 1024, 1024)     # -2 vCPUs
+    r.observe(1, 1, 1024, 512)      # memory shrunk
+    assert (r.vcpu_changes, r.memory_changes) == (4, 2)

@@ -25,7 +25,7 @@ class AgentCall(_message.Message):
     def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ..., failures: _Optional[int] = ..., seconds_sum: _Optional[float] = ..., bucket_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FiguresResponse(_message.Message):
-    __slots__ = ("state", "start_kind", "start_seconds", "vcpus", "vcpus_base", "memory_bytes", "memory_base_bytes", "hotplugged_vcpus", "hotplugged_memory_bytes", "guest_answered", "guest_memory_total_bytes", "guest_memory_used_bytes", "guest_cpus_online", "vm_cpu_user_seconds", "vm_cpu_system_seconds", "vm_rss_bytes", "containers", "tasks_started", "execs_started", "stdio_out_bytes", "stdio_in_bytes", "lost", "latency_bounds", "agent_calls", "uptime_seconds", "guest_cpu_busy_seconds", "guest_cpu_idle_seconds")
+    __slots__ = ("state", "start_kind", "start_seconds", "vcpus", "vcpus_base", "memory_bytes", "memory_base_bytes", "hotplugged_vcpus", "hotplugged_memory_bytes", "guest_answered", "guest_memory_total_bytes", "guest_memory_used_bytes", "guest_cpus_online", "vm_cpu_user_seconds", "vm_cpu_system_seconds", "vm_rss_bytes", "containers", "tasks_started", "execs_started", "stdio_out_bytes", "stdio_in_bytes", "lost", "latency_bounds", "agent_calls", "uptime_seconds", "guest_cpu_busy_seconds", "guest_cpu_idle_seconds", "vcpu_hotplug_events", "memory_hotplug_events")
     STATE_FIELD_NUMBER: _ClassVar[int]
     START_KIND_FIELD_NUMBER: _ClassVar[int]
     START_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,8 @@ class FiguresResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GUEST_CPU_BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GUEST_CPU_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VCPU_HOTPLUG_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_HOTPLUG_EVENTS_FIELD_NUMBER: _ClassVar[int]
     state: str
     start_kind: str
     start_seconds: float
@@ -80,4 +82,6 @@ class FiguresResponse(_message.Message):
     uptime_seconds: float
     guest_cpu_busy_seconds: float
     guest_cpu_idle_seconds: float
-    def __init__(self, state: _Optional[str] = ..., start_kind: _Optional[str] = ..., start_seconds: _Optional[float] = ..., vcpus: _Optional[int] = ..., vcpus_base: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_base_bytes: _Optional[int] = ..., hotplugged_vcpus: _Optional[int] = ..., hotplugged_memory_bytes: _Optional[int] = ..., guest_answered: _Optional[bool] = ..., guest_memory_total_bytes: _Optional[int] = ..., guest_memory_used_bytes: _Optional[int] = ..., guest_cpus_online: _Optional[int] = ..., vm_cpu_user_seconds: _Optional[float] = ..., vm_cpu_system_seconds: _Optional[float] = ..., vm_rss_bytes: _Optional[int] = ..., containers: _Optional[int] = ..., tasks_started: _Optional[int] = ..., execs_started: _Optional[int] = ..., stdio_out_bytes: _Optional[int] = ..., stdio_in_bytes: _Optional[int] = ..., lost: _Optional[bool] = ..., latency_bounds: _Optional[_Iterable[float]] = ..., agent_calls: _Optional[_Iterable[_Union[AgentCall, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ..., guest_cpu_busy_seconds: _Optional[float] = ..., guest_cpu_idle_seconds: _Optional[float] = ...) -> None: ...
+    vcpu_hotplug_events: int
+    memory_hotplug_events: int
+    def __init__(self, state: _Optional[str] = ..., start_kind: _Optional[str] = ..., start_seconds: _Optional[float] = ..., vcpus: _Optional[int] = ..., vcpus_base: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_base_bytes: _Optional[int] = ..., hotplugged_vcpus: _Optional[int] = ..., hotplugged_memory_bytes: _Optional[int] = ..., guest_answered: _Optional[bool] = ..., guest_memory_total_bytes: _Optional[int] = ..., guest_memory_used_bytes: _Optional[int] = ..., guest_cpus_online: _Optional[int] = ..., vm_cpu_user_seconds: _Optional[float] = ..., vm_cpu_system_seconds: _Optional[float] = ..., vm_rss_bytes: _Optional[int] = ..., containers: _Optional[int] = ..., tasks_started: _Optional[int] = ..., execs_started: _Optional[int] = ..., stdio_out_bytes: _Optional[int] = ..., stdio_in_bytes: _Optional[int] = ..., lost: _Optional[bool] = ..., latency_bounds: _Optional[_Iterable[float]] = ..., agent_calls: _Optional[_Iterable[_Union[AgentCall, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ..., guest_cpu_busy_seconds: _Optional[float] = ..., guest_cpu_idle_seconds: _Optional[float] = ..., vcpu_hotplug_events: _Optional[int] = ..., memory_hotplug_events: _Optional[int] = ...) -> None: ...
