@@ -235,6 +235,7 @@ def _stubs(tmp: Path) -> Iterator[None]:
              (time, "clock_settime_ns", lambda clock, ns: None),
              (socket, "sethostname", lambda name: None), (os, "sync", lambda: None),
              (v_system, "online_cpus", functools.partial(v_system.online_cpus, root=str(tmp / "sys/cpu"))),
+             (v_system, "set_online_cpus", functools.partial(v_system.set_online_cpus, root=str(tmp / "sys/cpu"))),
              (v_system, "online_memory", functools.partial(v_system.online_memory, root=str(tmp / "sys/memory"))),
              (v_network, "configure_links", lambda plan, current: {i.mac: i.name or current[i.mac]
                                                                    for i in plan.interfaces}),
