@@ -301,6 +301,9 @@ class Agent:
                                                     sandbox_files=self.sandbox_files,
                                                     inits=self._live_inits())
                 net_sysctls = podns.split_net_sysctls(adapted["linux"])
+                pinned = _bundle.pin_oci_version(adapted, self.runc.binary)
+                if pinned:
+                    notes.append(pinned)
                 for n in notes:
                     log.debug(f"{id}: {n}")
                 podns.apply_sysctls(net_sysctls)     # the VM's network namespace is the pod's

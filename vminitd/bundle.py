@@ -38,6 +38,23 @@ def parse_spec(raw: bytes, what: str = "OCI spec") -> dict[str, Any]:
     return spec
 
 
+# crun 1.8.1 (Debian 12's, in the image) refuses a spec whose ociVersion is not 1.0.x ("unknown
+# version specified"); ctr 1.7 writes 1.2.0 and ctr 2.1 1.2.1. The fields containerd sets that
+# came after 1.0 are ignored by that crun, so the version is pinned for it (runc takes them all).
+CRUN_OCI_VERSION = "1.0.2"
+
+
+def pin_oci_version(spec: dict[str, Any], runtime_binary: str) -> str | None:
+    """For crun: ociVersion 1.0.x. Returns a note when it changed the spec."""
+    if os.path.basename(runtime_binary) != "crun":
+        return None
+    v = str(spec.get("ociVersion", ""))
+    if v.startswith("1.0"):
+        return None
+    spec["ociVersion"] = CRUN_OCI_VERSION
+    return f"ociVersion {v!r} pinned to {CRUN_OCI_VERSION} for crun"
+
+
 def adapt_spec(spec: dict[str, Any], container_id: str, rootfs: str, *, terminal: bool,
                readonly: bool | None = None, guest_root: str = "/",
                cgroup_parent: str = CGROUP_PARENT,

@@ -305,3 +305,13 @@ def test_oci_runtime_from_the_kernel_cmdline():
     assert oci_runtime({"spinbox.oci_runtime": "crun"}) == "crun"
     assert oci_runtime({"spinbox.oci_runtime": "runc"}) == "runc"
     assert oci_runtime({"spinbox.oci_runtime": "/bin/sh"}) == "runc"     # never an arbitrary binary
+
+
+def test_crun_gets_a_1_0_spec_version_runc_the_spec_as_it_came():
+    from spinbox.vminitd import bundle
+    spec = {"ociVersion": "1.2.1"}
+    assert bundle.pin_oci_version(spec, "runc") is None and spec["ociVersion"] == "1.2.1"
+    note = bundle.pin_oci_version(spec, "/usr/bin/crun")
+    assert spec["ociVersion"] == "1.0.2" and "pinned to 1.0.2 for crun" in note
+    old = {"ociVersion": "1.0.2-dev"}
+    assert bundle.pin_oci_version(old, "crun") is None and old["ociVersion"] == "1.0.2-dev"
