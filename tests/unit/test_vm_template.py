@@ -107,7 +107,7 @@ def test_template_problem_checks_files(tmp_path):
 
 
 def test_template_argv_only_changes_ram_and_adds_vmgenid(config, tmp_path):
-    paths = VMPaths(tmp_path)
+    paths = VMPaths(Path("/run/sbx/vm1"))   # argv only: a short path, whatever pytest's tmp dir is
     cold = build_argv(config, paths, TCG)
     assert build_argv(config, paths, TCG, template=None) == cold
     tpl = build_argv(config, paths, TCG, template=TemplateArgv("/dev/shm/t/ram", share=True))
