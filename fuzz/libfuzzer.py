@@ -66,6 +66,9 @@ def child(argv: list[str] | None = None) -> int:
     runner.stats.engine = "atheris"
     corpus = WORK_DIR / "corpus" / target.name
     corpus.mkdir(parents=True, exist_ok=True)
+    # libFuzzer's own crash-<sha1> files go here, not into the working directory (a checkout)
+    artifacts = WORK_DIR / "atheris-artifacts" / target.name
+    artifacts.mkdir(parents=True, exist_ok=True)
     for data in target.seeds():
         (corpus / hashlib.sha1(data).hexdigest()).write_bytes(data)
 
@@ -88,7 +91,7 @@ def child(argv: list[str] | None = None) -> int:
 
     atheris.Setup([sys.argv[0], f"-runs={args.runs + 1}", f"-seed={args.seed + 1}", f"-max_len={MAX_LEN}",
                    f"-timeout={int(target.time_bound_s * 2 + 1)}", f"-rss_limit_mb={RSS_LIMIT_MB}",
-                   "-print_final_stats=1", str(corpus)], one)
+                   "-print_final_stats=1", f"-artifact_prefix={artifacts}/", str(corpus)], one)
     atheris.Fuzz()
     return 0
 
