@@ -76,9 +76,16 @@ class Cri:
         self.channel.close()
 
     def wait_network_ready(self, timeout: float = 30.0) -> None:
-        """CRI loads the conflist asynchronously; RunPodSandbox fails until it has."""
+        """CRI loads the conflist asynchronously; RunPodSandbox fails until it has. Right after
+        a containerd (re)start the CRI service may answer "server is not initialized yet"
+        (UNKNOWN) or be unreachable for a moment: not ready yet, asked again."""
         def ready() -> bool:
-            conds = self.rt.Status(cri.StatusRequest(), timeout=10).status.conditions
+            try:
+                conds = self.rt.Status(cri.StatusRequest(), timeout=10).status.conditions
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE):
+                    return False
+                raise
             return any(c.type == "NetworkReady" and c.status for c in conds)
         wait_until(ready, timeout, "CRI to report NetworkReady")
 
