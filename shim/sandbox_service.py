@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import ttrpc
 from spinbox.api import types as api_types
-from spinbox.api._pb.containerd.cgroups.v2 import metrics_pb2
 from spinbox.api._pb.containerd.runtime.sandbox.v1 import sandbox_pb2 as sb_pb
 from spinbox.api._pb.containerd.types import metrics_pb2 as types_metrics_pb2
 from spinbox.api._pb.containerd.types import platform_pb2
@@ -22,7 +21,7 @@ from spinbox.api._pb.containerd.types import platform_pb2
 from .errors import maps_errors
 from .exits import timestamp
 from .pod_sandbox import PodSandbox, guest_platform, pod_request
-from .task_service import TaskService
+from .task_service import TaskService, cgroup_metrics
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +115,7 @@ class SandboxService:
     async def SandboxMetrics(self, req: sb_pb.SandboxMetricsRequest,
                              ctx: ttrpc.CallContext) -> sb_pb.SandboxMetricsResponse:
         self.pod.check(req.sandbox_id)
-        r = await self.pod.metrics()
-        m = metrics_pb2.Metrics()
-        m.cpu.usage_usec = r.cpu_usage_ns // 1000
-        m.cpu.user_usec = r.cpu_user_ns // 1000
-        m.cpu.system_usec = r.cpu_system_ns // 1000
-        m.memory.usage = r.memory_usage_bytes
-        m.memory.usage_limit = r.memory_limit_bytes
-        m.pids.current = r.pids_current
-        m.pids.limit = r.pids_limit
-        m.memory_events.oom_kill = r.oom_kills
+        m = cgroup_metrics(await self.pod.metrics())
         out = types_metrics_pb2.Metric(id=self.pod.id, data=api_types.pack_any(m))
         out.timestamp.GetCurrentTime()
         return sb_pb.SandboxMetricsResponse(metrics=out)

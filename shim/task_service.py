@@ -28,6 +28,7 @@ from spinbox.api._pb.containerd.types.task import task_pb2
 
 from . import monitor_service
 from . import rootfs as rootfs_mod
+from .agent import Stats
 from .containers import ContainerManager
 from .errors import InvalidArgument, Unimplemented, maps_errors
 from .exits import TaskEvents, timestamp
@@ -48,6 +49,21 @@ def check_id(value: str, what: str = "id") -> str:
 def _namespace(ctx: ttrpc.CallContext | None) -> str | None:
     return ctx.metadata.get(NAMESPACE_KEY) if ctx is not None else None
 
+
+
+def cgroup_metrics(r: Stats) -> metrics_pb2.Metrics:
+    """The guest's cgroup figures of a container (or a pod) as containerd's cgroups v2 Metrics,
+    the type ctr and CRI decode (Stats here, SandboxMetrics in shim.sandbox_service)."""
+    m = metrics_pb2.Metrics()
+    m.cpu.usage_usec = r.cpu_usage_ns // 1000
+    m.cpu.user_usec = r.cpu_user_ns // 1000
+    m.cpu.system_usec = r.cpu_system_ns // 1000
+    m.memory.usage = r.memory_usage_bytes
+    m.memory.usage_limit = r.memory_limit_bytes
+    m.pids.current = r.pids_current
+    m.pids.limit = r.pids_limit
+    m.memory_events.oom_kill = r.oom_kills
+    return m
 
 class TaskService:
     """One per shim daemon (sandbox). See the module docstring."""
@@ -184,16 +200,7 @@ class TaskService:
     @maps_errors
     async def Stats(self, req: shim_pb2.StatsRequest, ctx: ttrpc.CallContext) -> shim_pb2.StatsResponse:
         c = self.manager.get(req.id)
-        r = await self.manager.stats(c)
-        m = metrics_pb2.Metrics()
-        m.cpu.usage_usec = r.cpu_usage_ns // 1000
-        m.cpu.user_usec = r.cpu_user_ns // 1000
-        m.cpu.system_usec = r.cpu_system_ns // 1000
-        m.memory.usage = r.memory_usage_bytes
-        m.memory.usage_limit = r.memory_limit_bytes
-        m.pids.current = r.pids_current
-        m.pids.limit = r.pids_limit
-        m.memory_events.oom_kill = r.oom_kills
+        m = cgroup_metrics(await self.manager.stats(c))
         if monitor_service.is_sandbox_task(self.manager, c.id):     # it stands for the whole VM
             vm = await monitor_service.vm_figures(self.manager)
             if vm is not None:
